@@ -1,0 +1,5 @@
+"""`python -m ebcd` is the `ebcd` command."""
+
+from ebcd.cli import main
+
+main()

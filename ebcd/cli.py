@@ -1,0 +1,338 @@
+"""The `ebcd` command: the daemon, the simulators, the demo and the duty officer's tools."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ebcd import log as logsetup
+from ebcd.config import Config, ConfigError, load_config, shipped_config_path
+from ebcd.control import SOCKET_NAME, ControlClient, NoDaemon
+from ebcd.tiers.district import District
+from ebcd.tiers.loader import TopologyError, load_district
+
+EXIT_OK = 0
+EXIT_REFUSED = 2
+EXIT_PARTIAL = 3
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="ebcd: emergency broadcast control daemon")
+alert_app = typer.Typer(no_args_is_help=True, help="Send and follow alerts through the running daemon.")
+topology_app = typer.Typer(no_args_is_help=True, help="Check and show the district topology.")
+frame_app = typer.Typer(no_args_is_help=True, help="Serial frames, for field engineers.")
+app.add_typer(alert_app, name="alert")
+app.add_typer(topology_app, name="topology")
+app.add_typer(frame_app, name="frame")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="config file (default: the shipped district)")]
+BrokerOpt = Annotated[str | None, typer.Option("--broker", help="mqtt://HOST:PORT, overrides the config")]
+StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help="journal and control socket (default: config)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON only")]
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()
+
+
+def _fail(message: str, code: int = EXIT_REFUSED) -> typer.Exit:
+    typer.echo(f"ebcd: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _config(path: Path | None) -> Config:
+    try:
+        return load_config(path or shipped_config_path())
+    except ConfigError as e:
+        for err in e.errors:
+            typer.echo(f"{e.path}: {err}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+
+
+def _load(path: Path | None) -> tuple[Config, District]:
+    config = _config(path)
+    try:
+        return config, load_district(config)
+    except TopologyError as e:
+        for err in e.errors:
+            typer.echo(err, err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+
+
+def _state_dir(state_dir: Path | None, config_path: Path | None) -> Path:
+    if state_dir is not None:
+        return state_dir
+    return Path(_config(config_path).daemon.state_dir)
+
+
+def _client(state_dir: Path | None, config_path: Path | None) -> ControlClient:
+    return ControlClient(_state_dir(state_dir, config_path) / SOCKET_NAME)
+
+
+def _ask(client: ControlClient, op: str, **args: Any) -> dict[str, Any]:
+    try:
+        answer = asyncio.run(client.request(op, **args))
+    except NoDaemon as e:
+        raise _fail(str(e)) from None
+    if not answer.get("ok"):
+        raise _fail(f"{answer.get('message')} [{answer.get('error')}]")
+    return answer
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+# -- daemon, simulators, demo ----------------------------------------------------------------
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    state_dir: StateDirOpt = None,
+    metrics_port: Annotated[int | None, typer.Option(help="0 picks a free port; -1 turns metrics off")] = None,
+    no_journal: Annotated[bool, typer.Option("--no-journal", help="keep nothing on disk (benchmarks only)")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the daemon in the foreground (systemd runs this)."""
+    from ebcd.service import run_daemon  # noqa: PLC0415  (keeps CLI start-up light)
+
+    logsetup.setup(log_level)
+    cfg, district = _load(config)
+    raise typer.Exit(run_daemon(cfg, district, broker=broker, state_dir=state_dir, metrics_port=metrics_port,
+                                journal=not no_journal))
+
+
+@app.command()
+def simulate(
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    only: Annotated[list[str] | None, typer.Option(help="town:CODE, village:CODE or terminal:CODE (repeatable)")] = None,
+    faults: Annotated[str, typer.Option(help="e.g. offline=5%,slow=2%,refuse=1%,lose_acks=3%,flap=10%")] = "none",
+    seed: Annotated[int, typer.Option(help="which terminals get the faults")] = 0,
+    play_time: Annotated[float | None, typer.Option(help="seconds a broadcast plays")] = None,
+    faults_report: Annotated[Path | None, typer.Option(help="write the chosen faulty terminals as JSON")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Simulate every terminal of the topology, speaking the real wire protocols."""
+    from simulators.runner import run_simulators  # noqa: PLC0415
+
+    logsetup.setup(log_level)
+    cfg, district = _load(config)
+    try:
+        code = run_simulators(cfg, district, broker=broker, only=only or [], faults=faults, seed=seed,
+                              play_time_s=play_time, faults_report=faults_report)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    broker: BrokerOpt = None,
+    faults: Annotated[str, typer.Option(help="fault profile for the simulated terminals")] = "none",
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Zero set-up: broker, daemon, 769 simulated terminals, a district-wide test alert, coverage."""
+    from ebcd.demo import run_demo  # noqa: PLC0415
+
+    raise typer.Exit(run_demo(config_path=config or shipped_config_path(), broker=broker, faults=faults,
+                              state_dir=state_dir))
+
+
+# -- alerts ------------------------------------------------------------------------------------
+@alert_app.command("send")
+def alert_send(
+    level: Annotated[int, typer.Option(help="1 red, 2 orange, 3 yellow, 4 blue")],
+    event: Annotated[str, typer.Option(help="5-character event type, e.g. 11B03")],
+    target: Annotated[list[str], typer.Option(help="all | town:CODE | village:CODE | terminal:CODE (repeatable)")],
+    text: Annotated[str, typer.Option(help="what the loudspeakers say")],
+    test: Annotated[bool, typer.Option("--test", help="a test broadcast")] = False,
+    ttl: Annotated[float | None, typer.Option(help="time to live, seconds")] = None,
+    volume: Annotated[int | None, typer.Option(help="1-100 %")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")] = False,
+    as_json: JsonOpt = False,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Send an alert; print its id (with --wait, follow it and print the coverage)."""
+    from ebcd.alert import AlertRequest, parse_target  # noqa: PLC0415
+    from ebcd.cli_render import follow  # noqa: PLC0415
+
+    try:
+        targets = [parse_target(t) for t in target]
+        req: dict[str, Any] = {"level": level, "event_type": event, "targets": targets, "text": text, "test": test}
+        if ttl is not None:
+            req["ttl_s"] = ttl
+        if volume is not None:
+            req["volume"] = volume
+        request = AlertRequest.model_validate(req)
+    except ValueError as e:
+        raise _fail(f"refused: {_one_line(e)}") from None
+    client = _client(state_dir, config)
+    answer = _ask(client, "send", alert=request.model_dump(mode="json"))
+    if not wait:
+        if as_json:
+            _print_json(answer["state"])
+        else:
+            typer.echo(answer["id"])
+        raise typer.Exit(EXIT_OK)
+    final = follow(client, answer["id"], answer["state"], quiet=as_json)
+    if as_json:
+        _print_json(final)
+    raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
+
+
+def _one_line(e: Exception) -> str:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'alert'}: {err['msg']}" for err in e.errors())
+    return str(e)
+
+
+@alert_app.command("status")
+def alert_status(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+    """Show an alert's state."""
+    from ebcd.cli_render import print_state  # noqa: PLC0415
+
+    state = _ask(_client(state_dir, config), "status", id=alert_id)["state"]
+    if as_json:
+        _print_json(state)
+    else:
+        print_state(state)
+
+
+@alert_app.command("list")
+def alert_list(as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+    """List the alerts the daemon holds."""
+    from ebcd.cli_render import print_alerts  # noqa: PLC0415
+
+    alerts = _ask(_client(state_dir, config), "list")["alerts"]
+    if as_json:
+        _print_json(alerts)
+    else:
+        print_alerts(alerts)
+
+
+@alert_app.command("cancel")
+def alert_cancel(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+    """Cancel an alert: every terminal that has it stops."""
+    state = _ask(_client(state_dir, config), "cancel", id=alert_id)["state"]
+    if as_json:
+        _print_json(state)
+    else:
+        typer.echo(f"{alert_id} {state['state']}")
+
+
+@alert_app.command("approve")
+def alert_approve(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+    """Release an alert that waits for manual review."""
+    state = _ask(_client(state_dir, config), "approve", id=alert_id)["state"]
+    if as_json:
+        _print_json(state)
+    else:
+        typer.echo(f"{alert_id} {state['state']}")
+
+
+@app.command()
+def report(
+    alert_id: str,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="per-village rows as CSV")] = False,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Coverage of an alert per town and village, and the terminals that failed and why."""
+    from ebcd.cli_render import print_report  # noqa: PLC0415
+
+    answer = _ask(_client(state_dir, config), "report", id=alert_id)
+    answer.pop("ok", None)
+    if as_json:
+        _print_json(answer)
+    elif as_csv:
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["town", "village", "name", "targets", "acked", "failed", "uncertain", "pending", "coverage"])
+        for town in answer["towns"]:
+            for v in town["villages"]:
+                w.writerow([town["code"], v["code"], v["name"], v["targets"], v["acked"], v["failed"],
+                            v["uncertain"], v["pending"], v["coverage"]])
+        sys.stdout.write(out.getvalue())
+    else:
+        print_report(answer)
+
+
+@app.command()
+def terminals(
+    state: Annotated[str | None, typer.Option(help="unknown, online or offline")] = None,
+    town: Annotated[str | None, typer.Option(help="a town's resource code or area code")] = None,
+    as_json: JsonOpt = False,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Terminals with their liveness state."""
+    from ebcd.cli_render import print_terminals  # noqa: PLC0415
+
+    rows = _ask(_client(state_dir, config), "terminals")["terminals"]
+    if state:
+        rows = [r for r in rows if r["state"] == state]
+    if town:
+        rows = [r for r in rows if r["town"] == town or r["town"][1:13] == town]
+    if as_json:
+        _print_json(rows)
+    else:
+        print_terminals(rows)
+
+
+# -- topology and frames -----------------------------------------------------------------------
+@topology_app.command("check")
+def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Validate a config and its ledgers; print counts per tier, or every error with its place."""
+    cfg, district = _load(config)
+    counts = {
+        "district": 1,
+        "towns": len(district.towns),
+        "villages": sum(len(t.villages) for t in district.towns.values()),
+        "terminals": len(district),
+        "serial_rooms": sum(1 for v in district.villages() if v.link == "serial"),
+    }
+    if as_json:
+        _print_json(counts)
+        return
+    typer.echo(f"{cfg.district.name} ({district.code}): valid")
+    typer.echo(f"  district platforms {counts['district']}")
+    typer.echo(f"  towns              {counts['towns']}")
+    typer.echo(f"  villages           {counts['villages']}  ({counts['serial_rooms']} on serial links)")
+    typer.echo(f"  terminals          {counts['terminals']}")
+
+
+@topology_app.command("show")
+def topology_show(config: ConfigOpt = None) -> None:
+    """The tree of towns and villages with terminal counts."""
+    from ebcd.cli_render import print_topology  # noqa: PLC0415
+
+    _, district = _load(config)
+    print_topology(district)
+
+
+@frame_app.command("decode")
+def frame_decode(hex_bytes: Annotated[str, typer.Argument(metavar="HEX", help="bytes as hex, spaces allowed")]) -> None:
+    """Decode a captured serial frame: fields, addresses, CRC verdict."""
+    from ebcd.protocols import frame  # noqa: PLC0415
+
+    cleaned = "".join(hex_bytes.split()).removeprefix("0x")
+    try:
+        data = bytes.fromhex(cleaned)
+    except ValueError as e:
+        raise _fail(f"not hex: {e}") from None
+    ok, lines = frame.render_decode(data)
+    for line in lines:
+        typer.echo(line)
+    raise typer.Exit(EXIT_OK if ok else EXIT_REFUSED)

@@ -1,0 +1,125 @@
+"""How the CLI shows alerts, reports and terminals to a person (rich tables and progress)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from ebcd.control import ControlClient, NoDaemon
+from ebcd.tiers.district import District
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def follow(client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+    """Follow an alert until it settles, with a live progress bar unless `quiet`; return its last state."""
+    return asyncio.run(_follow(client, alert_id, first, quiet=quiet))
+
+
+async def _follow(client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+    last = first
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("acked  {task.fields[uncertain]} uncertain  {task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task(alert_id, total=first["targets"], completed=first["acked"],
+                                 uncertain=first["uncertain"], failed=first["failed"])
+        try:
+            async for answer in client.stream("watch", id=alert_id):
+                if not answer.get("ok"):
+                    break
+                last = answer["state"]
+                progress.update(task, completed=last["acked"], uncertain=last["uncertain"], failed=last["failed"])
+        except NoDaemon as e:
+            err_console.print(f"ebcd: lost the daemon while following {alert_id}: {e}")
+    if not quiet:
+        print_state(last)
+    return last
+
+
+def coverage_table(state: dict[str, Any], names: dict[str, str] | None = None) -> Table:
+    """Coverage per town."""
+    table = Table(title=f"alert {state['id']}: {state['state']}, coverage {state['coverage']:.1%}")
+    table.add_column("town")
+    table.add_column("name")
+    for col in ("targets", "acked", "uncertain", "failed", "coverage"):
+        table.add_column(col, justify="right")
+    for code, t in state["towns"].items():
+        cov = t["acked"] / t["targets"] if t["targets"] else 1.0
+        table.add_row(code, t.get("name") or (names or {}).get(code, ""), str(t["targets"]), str(t["acked"]),
+                      str(t.get("uncertain", 0)), str(t.get("failed", 0)), f"{cov:.1%}")
+    table.add_row("total", "", str(state["targets"]), str(state["acked"]), str(state["uncertain"]),
+                  str(state["failed"]), f"{state['coverage']:.1%}", style="bold")
+    return table
+
+
+def print_state(state: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    """An alert's state with its coverage per town."""
+    console.print(coverage_table(state, names))
+
+
+def print_alerts(alerts: list[dict[str, Any]]) -> None:
+    """One line per alert."""
+    table = Table()
+    for col in ("id", "state", "level", "event", "targets", "acked", "coverage", "text"):
+        table.add_column(col)
+    for a in alerts:
+        table.add_row(a["id"], a["state"], str(a["level"]), a.get("event_type", ""), str(a["targets"]),
+                      str(a["acked"]), f"{a['coverage']:.1%}", (a.get("text") or "")[:40])
+    console.print(table)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Coverage per town and village, then every terminal that did not acknowledge and why."""
+    state = report["state"]
+    table = Table(title=f"alert {state['id']}: {state['state']}, coverage {state['coverage']:.1%}")
+    for col in ("town / village", "name", "targets", "acked", "uncertain", "failed", "coverage"):
+        table.add_column(col)
+    for town in report["towns"]:
+        table.add_row(town["code"], town["name"], str(town["targets"]), str(town["acked"]), str(town["uncertain"]),
+                      str(town["failed"]), f"{town['coverage']:.1%}", style="bold")
+        for v in town["villages"]:
+            if v["acked"] < v["targets"]:
+                table.add_row("  " + v["code"], v["name"], str(v["targets"]), str(v["acked"]), str(v["uncertain"]),
+                              str(v["failed"]), f"{v['coverage']:.1%}")
+    console.print(table)
+    if report["problems"]:
+        problems = Table(title=f"{len(report['problems'])} terminal(s) without acknowledgement")
+        for col in ("terminal", "name", "state", "cause", "attempts", "liveness"):
+            problems.add_column(col)
+        for p in report["problems"]:
+            problems.add_row(p["terminal"], p["name"], p["state"], p.get("cause") or "", str(p["attempts"]),
+                             p["liveness"])
+        console.print(problems)
+
+
+def print_terminals(rows: list[dict[str, Any]]) -> None:
+    """One line per terminal."""
+    table = Table(title=f"{len(rows)} terminal(s)")
+    for col in ("code", "name", "link", "state"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["code"], r["name"], r["link"], r["state"])
+    console.print(table)
+
+
+def print_topology(district: District) -> None:
+    """The tree of towns and villages with their terminal counts."""
+    tree = Tree(f"{district.name} {district.code} ({len(district)} terminals)")
+    for town in district.towns.values():
+        branch = tree.add(f"{town.name} {town.code} ({sum(1 for _ in town.terminals())} terminals)")
+        for v in town.villages.values():
+            branch.add(f"{v.name} {v.code} [{v.link}] ({len(v.terminals)})")
+    console.print(tree)

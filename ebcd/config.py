@@ -1,0 +1,163 @@
+"""The daemon's configuration: `config/ebcd.toml`, validated with pydantic.
+
+The topology itself (rooms and terminals) lives in CSV ledgers beside the TOML file, named by
+`[topology]`; `ebcd.tiers.loader` reads and checks them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ebcd.codes import CodeError, ResourceCode, check_area_code
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DistrictConfig(_Strict):
+    """The district platform itself."""
+
+    code: str
+    name: str
+    area: str
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+
+    @field_validator("code")
+    @classmethod
+    def _ebrid(cls, v: str) -> str:
+        ResourceCode.parse(v)
+        return v
+
+    @field_validator("area")
+    @classmethod
+    def _area(cls, v: str) -> str:
+        return check_area_code(v)
+
+
+class TopologyConfig(_Strict):
+    """Where the room and terminal ledgers are, relative to the config file."""
+
+    rooms: str = "rooms.csv"
+    terminals: str = "terminals.csv"
+
+
+class MqttConfig(_Strict):
+    """The broker ebcd and its IP/4G terminals share."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    client_id: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    publish_concurrency: int = Field(default=200, ge=1, le=10_000)
+    outgoing_queue_size: int = Field(default=20_000, ge=10)
+    ingest_queue_size: int = Field(default=1000, ge=1)
+    group_topics: bool = True
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parse_broker_url(v)
+        return v
+
+
+class DeliveryConfig(_Strict):
+    """Acknowledgement timeouts and retries."""
+
+    ack_timeout_s: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=100)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    default_ttl_s: float = Field(default=3600.0, gt=0)
+    state_publish_interval_s: float = Field(default=0.25, gt=0)
+
+
+class DaemonConfig(_Strict):
+    """Where the daemon keeps its journal and socket, and serves metrics."""
+
+    state_dir: str = "/var/lib/ebcd"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9469, ge=0, le=65535)
+    socket_mode: int = 0o660
+
+
+class SimulatorConfig(_Strict):
+    """How simulated terminals behave."""
+
+    play_time_s: float = Field(default=1.0, ge=0)
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    connect_concurrency: int = Field(default=50, ge=1)
+
+
+class Config(_Strict):
+    """The whole `ebcd.toml`."""
+
+    district: DistrictConfig
+    topology: TopologyConfig = TopologyConfig()
+    mqtt: MqttConfig = MqttConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    base_dir: Path = Path()
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `errors` lists each problem with its place."""
+
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        super().__init__(f"{path}: " + "; ".join(errors))
+        self.path = path
+        self.errors = errors
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """Split `mqtt://host:port` or `mqtts://host:port` into (host, port, tls)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    raw["base_dir"] = path.resolve().parent
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(path, [_place(err) for err in e.errors()]) from None
+    except CodeError as e:
+        raise ConfigError(path, [str(e)]) from None
+
+
+def _place(err: object) -> str:
+    d = err if isinstance(err, dict) else {}
+    loc = ".".join(str(p) for p in d.get("loc", ()))
+    return f"[{loc}] {d.get('msg', err)}"
+
+
+def shipped_config_path() -> Path:
+    """The default district's config: packaged in a wheel, or `config/` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_shipped_config" / "ebcd.toml", here.parent / "config" / "ebcd.toml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("the shipped config/ebcd.toml is not installed with ebcd")
+
+

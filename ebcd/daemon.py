@@ -1,0 +1,478 @@
+"""The daemon: one TaskGroup that runs the MQTT link, the engine, ingest and the control socket.
+
+Shutdown (SIGTERM/SIGINT): stop taking alerts, flush alert states and the journal, publish the
+offline status, then cancel the group; a second signal or the grace period ends it harder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import start_http_server
+
+from ebcd import __version__
+from ebcd.alert import AlertRequest, MsgType
+from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
+from ebcd.codes import ebmid as make_ebmid
+from ebcd.config import Config, parse_broker_url
+from ebcd.control import SOCKET_NAME, ControlError, Peer, serve
+from ebcd.delivery import Backoff, Delivery, DState
+from ebcd.engine import Engine
+from ebcd.ingest import IngestError, Reason
+from ebcd.ingest.json_alert import parse_json_alert
+from ebcd.metrics import Metrics
+from ebcd.protocols import mqtt_codec
+from ebcd.protocols.mqtt_codec import CodecError, Topics
+from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will
+from ebcd.store import Journal, JournalError, NullJournal
+from ebcd.tiers.district import District
+from ebcd.transport import MqttTransport
+
+log = structlog.get_logger("ebcd.daemon")
+
+SHUTDOWN_GRACE_S = 10.0
+LIVENESS_SWEEP_S = 5.0
+
+
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to end it after a graceful stop."""
+
+
+class Daemon:
+    """ebcd's running state: config, district, links, engine, journal."""
+
+    def __init__(
+        self,
+        config: Config,
+        district: District,
+        *,
+        state_dir: Path,
+        broker: str | None = None,
+        metrics_port: int | None = None,
+        journal: bool = True,
+    ) -> None:
+        self.config = config
+        self.district = district
+        self.state_dir = state_dir
+        self.broker = broker or config.mqtt.broker
+        self.metrics_port = config.daemon.metrics_port if metrics_port is None else metrics_port
+        self.journal_enabled = journal
+        self.topics = Topics(district.code)
+        self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.bound_metrics_port: int | None = None
+        self._ingest: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue(config.mqtt.ingest_queue_size)
+        self._journal: Journal | None = None
+        self._seq: dict[str, int] = {}
+        self._dedupe: dict[tuple[str, str], str] = {}
+        self._docs_dirty: dict[str, dict[str, Any]] = {}
+        host, port, tls = parse_broker_url(self.broker)
+        digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+        self.link = MqttLink(
+            host=host,
+            port=port,
+            tls=tls,
+            client_id=config.mqtt.client_id or f"ebcd-{district.code}-{digest}",
+            username=config.mqtt.username,
+            password=_read_secret(config.mqtt.password_file, config.base_dir),
+            keepalive_s=config.mqtt.keepalive_s,
+            clean_session=False,
+            subscriptions=[self.topics.alerts_in, self.topics.all_reports, self.topics.all_presence],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=lambda: Will(self.topics.status, self._status_doc("offline"), retain=True),
+            reconnect_initial_s=config.mqtt.reconnect_initial_s,
+            reconnect_max_s=config.mqtt.reconnect_max_s,
+            publish_workers=config.mqtt.publish_concurrency,
+            queue_size=config.mqtt.outgoing_queue_size,
+            on_drop=lambda why: self.metrics.dropped.labels("mqtt_outgoing").inc(),
+            on_state=self._on_link_state,
+        )
+        dc = config.delivery
+        self.engine = Engine(
+            district=district,
+            policy=RetryPolicy(dc.ack_timeout_s, dc.max_attempts, Backoff(dc.retry_initial_s, dc.retry_max_s, dc.retry_jitter)),
+            transports={"mqtt": MqttTransport(district, self.topics, self.link, self.metrics, groups=config.mqtt.group_topics)},
+            metrics=self.metrics,
+            publish_state=self._publish_state,
+            record_transition=self._record_transition,
+            state_interval_s=dc.state_publish_interval_s,
+        )
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until `stop()` or a signal, then shut down gracefully."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        on_commit = lambda latency_s, rows: self.metrics.journal_latency.observe(latency_s)  # noqa: E731
+        if self.journal_enabled:
+            self._journal = await Journal.open(self.state_dir / "journal.sqlite3", on_commit=on_commit)
+        else:
+            self._journal = await NullJournal.open()
+        await self._recover()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        server = await serve(self.state_dir / SOCKET_NAME, self._handle, self.config.daemon.socket_mode)
+        http = None
+        if self.metrics_port >= 0:
+            http, _ = start_http_server(self.metrics_port, self.config.daemon.metrics_host, self.metrics.registry)
+            self.bound_metrics_port = int(http.server_port)
+        log.info("daemon.started", version=__version__, district=self.district.code, terminals=len(self.district),
+                 broker=self.broker, state_dir=str(self.state_dir), metrics_port=self.bound_metrics_port)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name="mqtt-link")
+                tg.create_task(self.engine.run_timers(), name="engine-timers")
+                tg.create_task(self.engine.run_publisher(), name="state-publisher")
+                tg.create_task(self._ingest_loop(), name="ingest")
+                tg.create_task(self._liveness_loop(), name="liveness")
+                tg.create_task(self._save_docs_loop(), name="journal-docs")
+                tg.create_task(self._stopper(server), name="stopper")
+                self.ready.set()
+                if on_ready:
+                    on_ready()
+        except* _Shutdown:
+            pass
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            server.close()
+            if http is not None:
+                http.shutdown()
+            await self._journal.close()
+            log.info("daemon.stopped")
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (signal-safe)."""
+        self.stopping.set()
+
+    async def _stopper(self, server: asyncio.Server) -> None:
+        await self.stopping.wait()
+        log.info("daemon.stopping")
+        server.close()
+        self.engine.flush_states()
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                await self._flush_outgoing()
+                await self._save_docs()
+                if self._journal:
+                    await self._journal.flush()
+                await self.link.publish(self.topics.status, self._status_doc("offline"), retain=True)
+        except TimeoutError:
+            log.warning("daemon.shutdown_grace_exceeded", grace_s=SHUTDOWN_GRACE_S)
+        raise _Shutdown
+
+    async def _save_docs_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.delivery.state_publish_interval_s)
+            await self._save_docs()
+
+    async def _save_docs(self) -> None:
+        docs, self._docs_dirty = self._docs_dirty, {}
+        for alert_id, doc in docs.items():
+            try:
+                await self._journal.save_alert(alert_id, doc)  # type: ignore[union-attr]
+            except JournalError as e:
+                log.error("journal.save_failed", alert_id=alert_id, error=str(e))
+
+    async def _flush_outgoing(self) -> None:
+        while self.link.queue_depth and self.link.connected.is_set():
+            await asyncio.sleep(0.05)
+
+    # -- recovery --------------------------------------------------------------------------
+    async def _recover(self) -> None:
+        assert self._journal is not None  # noqa: S101
+        for alert in await self._journal.list_alerts(10_000):
+            day, _, seq = alert["id"].partition("-")
+            if seq.isdigit():
+                self._seq[day] = max(self._seq.get(day, 0), int(seq))
+            req = alert.get("request", {})
+            if req.get("sender") and req.get("identifier"):
+                self._dedupe.setdefault((req["sender"], req["identifier"]), alert["id"])
+        now_wall = time.time()
+        for active in await self._journal.load_active():
+            doc = active.doc
+            request = AlertRequest.model_validate(doc["request"])
+            remaining = float(doc["expires_at"]) - now_wall
+            deliveries = {}
+            for code, journalled in active.deliveries.items():
+                d = Delivery(code)
+                if journalled.state == DState.ACKNOWLEDGED.value:
+                    d.state = DState.ACKNOWLEDGED
+                    d.acked_at = 0.0
+                deliveries[code] = d
+            run = self.engine.accept(
+                request, [], alert_id=doc["id"], ebmid=doc["ebmid"], deliveries=deliveries,
+                expires_in_s=max(0.0, remaining), accepted_at=doc["accepted_at"], revision=doc.get("revision", 1),
+                hold=doc.get("state") == AlertState.PENDING_APPROVAL.value,
+            )
+            log.info("alert.recovered", alert_id=run.id, acked=run.counts["acked"], targets=len(deliveries),
+                     remaining_s=round(remaining, 1))
+
+    # -- MQTT ------------------------------------------------------------------------------
+    def _status_doc(self, state: str) -> bytes:
+        return json.dumps({"state": state, "version": __version__, "district": self.district.code,
+                           "at": time.time()}).encode()
+
+    async def _on_connect(self) -> None:
+        self.metrics.mqtt_connects.inc()
+        await self.link.publish(self.topics.status, self._status_doc("online"), retain=True)
+        self.engine.republish_all()
+
+    def _on_link_state(self, state: LinkState) -> None:
+        self.metrics.mqtt_connected.set(1 if state is LinkState.CONNECTED else 0)
+
+    def _on_message(self, topic: str, payload: bytes, retain: bool, properties: Any) -> None:
+        if topic == self.topics.alerts_in:
+            try:
+                self._ingest.put_nowait((topic, payload, properties))
+            except asyncio.QueueFull:
+                self.metrics.dropped.labels("ingest_queue").inc()
+                self._reject(payload, IngestError(Reason.UNSUPPORTED, "ingest queue full: ebcd is overloaded, send again"))
+            return
+        terminal = self.topics.terminal_of(topic)
+        if terminal is None:
+            self.metrics.unexpected.labels("topic").inc()
+            return
+        try:
+            if topic.endswith("/report"):
+                self.engine.on_report(mqtt_codec.decode_report(terminal, payload))
+            elif topic.endswith("/presence"):
+                self.engine.on_presence(mqtt_codec.decode_presence(terminal, payload))
+        except CodecError as e:
+            self.metrics.unexpected.labels("malformed").inc()
+            log.warning("terminal.malformed_message", terminal=terminal, topic=topic, error=str(e))
+
+    def _publish_state(self, run: AlertRun, doc: dict[str, Any]) -> None:
+        self.link.enqueue(self.topics.alert_state(run.id), json.dumps(doc, ensure_ascii=False).encode(), retain=True)
+        self._docs_dirty[run.id] = self._alert_doc(run)
+
+    def _record_transition(self, alert_id: str, terminal: str, state: str, detail: str | None, at: float) -> None:
+        if self._journal is not None:
+            self._journal.record_transition(alert_id, terminal, state, detail, time.time())
+
+    def _reject(self, payload: bytes, err: IngestError) -> None:
+        self.metrics.rejected.labels(err.reason.value).inc()
+        doc = {"reason": err.reason.value, "detail": err.detail, "identifier": err.identifier,
+               "sha256": hashlib.sha256(payload).hexdigest()}
+        self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
+        log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)
+
+    # -- ingest ----------------------------------------------------------------------------
+    async def _ingest_loop(self) -> None:
+        while True:
+            topic, payload, _props = await self._ingest.get()
+            self.metrics.queue_depth.labels("ingest").set(self._ingest.qsize())
+            await self._ingest_one(topic, payload)
+
+    async def _ingest_one(self, topic: str, payload: bytes) -> None:
+        assert self._journal is not None  # noqa: S101
+        try:
+            row = await self._journal.record_received(topic, payload, time.time(), source="mqtt")
+        except JournalError as e:
+            self._reject(payload, IngestError(Reason.JOURNAL, f"could not journal the message: {e}"))
+            return
+        try:
+            request = self.parse_upstream(payload)
+            run = await self.submit(request, source="mqtt", actor=request.sender or "upstream")
+        except IngestError as e:
+            self._reject(payload, e)
+            await self._journal.mark_received(row, outcome="rejected", detail=f"{e.reason.value}: {e.detail}", alert_id=None)
+            return
+        await self._journal.mark_received(row, outcome="accepted", detail=request.msg_type.value, alert_id=run.id)
+
+    def parse_upstream(self, payload: bytes) -> AlertRequest:
+        """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError."""
+        head = payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"<"):
+            from ebcd.ingest.cap import parse_cap  # noqa: PLC0415  (optional until CAP ships)
+
+            return parse_cap(payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s).request
+        return parse_json_alert(payload)
+
+    async def submit(self, request: AlertRequest, *, source: str, actor: str) -> AlertRun:
+        """Accept an alert (or an update or cancel of one) durably, or raise IngestError."""
+        if request.msg_type is MsgType.CANCEL:
+            return await self._cancel_referenced(request, actor)
+        if request.msg_type is MsgType.UPDATE:
+            raise IngestError(Reason.UNSUPPORTED, "updates are not supported yet", request.identifier)
+        key = (request.sender, request.identifier) if request.sender and request.identifier else None
+        if key and key in self._dedupe:
+            raise IngestError(Reason.DUPLICATE, f"already accepted as alert {self._dedupe[key]}", request.identifier)
+        resolution = self.district.resolve(request.targets)
+        if resolution.unknown:
+            raise IngestError(Reason.UNKNOWN_TARGET, f"target(s) not in the district: {', '.join(resolution.unknown)}",
+                              request.identifier)
+        if not resolution.terminals:
+            raise IngestError(Reason.NO_TARGET_IN_DISTRICT, "the targets select no terminal of the district",
+                              request.identifier)
+        alert_id, ebmid = self._next_id()
+        now_wall = time.time()
+        run = self.engine.accept(request, resolution.terminals, alert_id=alert_id, ebmid=ebmid, hold=True,
+                                 accepted_at=now_wall)
+        try:
+            assert self._journal is not None  # noqa: S101
+            run.source, run.actor = source, actor
+            await self._journal.save_alert(alert_id, self._alert_doc(run), dedupe_key=key)
+        except JournalError as e:
+            del self.engine.runs[alert_id]
+            raise IngestError(Reason.JOURNAL, f"could not journal the alert: {e}", request.identifier) from None
+        if key:
+            self._dedupe[key] = alert_id
+        self.engine.approve(alert_id)
+        self.metrics.alerts.labels(str(request.level), source).inc()
+        return run
+
+    async def _cancel_referenced(self, request: AlertRequest, actor: str) -> AlertRun:
+        for ref in request.references:
+            alert_id = self._resolve_reference(ref)
+            if alert_id is not None:
+                run = self.engine.cancel(alert_id, f"cancelled by {actor}")
+                if run is None:
+                    raise IngestError(Reason.UNKNOWN_REFERENCE, f"alert {alert_id} has already ended", request.identifier)
+                return run
+        raise IngestError(Reason.UNKNOWN_REFERENCE, f"no active alert matches references {request.references}",
+                          request.identifier)
+
+    def _resolve_reference(self, ref: str) -> str | None:
+        if ref in self.engine.runs:
+            return ref
+        parts = ref.split(",")
+        if len(parts) >= 2:
+            return self._dedupe.get((parts[0], parts[1]))
+        return None
+
+    def _next_id(self) -> tuple[str, str]:
+        day = datetime.now().strftime("%Y%m%d")  # noqa: DTZ005  (ids follow the platform's local day)
+        seq = self._seq.get(day, 0) + 1
+        self._seq[day] = seq
+        return f"{day}-{seq:04d}", make_ebmid(self.district.code, day, seq % 10_000)
+
+    def _alert_doc(self, run: AlertRun) -> dict[str, Any]:
+        return {
+            "id": run.id, "ebmid": run.ebmid, "revision": run.revision, "state": run.state.value,
+            "request": run.request.model_dump(mode="json"), "accepted_at": run.accepted_at,
+            "expires_at": run.accepted_at + (run.expires - run.started), "final": not run.active,
+            "counts": dict(run.counts), "source": run.source, "actor": run.actor, "reason": run.reason,
+        }
+
+    # -- liveness --------------------------------------------------------------------------
+    async def _liveness_loop(self) -> None:
+        silent_after_s = 3 * self.config.simulator.heartbeat_interval_s + 5
+        while True:
+            await asyncio.sleep(LIVENESS_SWEEP_S)
+            now = self.engine.clock()
+            for code, live in self.engine.liveness.items():
+                if live.state == "online" and now - live.last_seen > silent_after_s:
+                    live.state = "unknown"
+                    log.info("terminal.silent", terminal=code, silent_s=round(now - live.last_seen))
+            counts = self.engine.liveness_counts()
+            for state, n in counts.items():
+                self.metrics.terminals.labels(state).set(n)
+            self.metrics.queue_depth.labels("mqtt_outgoing").set(self.link.queue_depth)
+
+    # -- control socket --------------------------------------------------------------------
+    async def _handle(self, req: dict[str, Any], peer: Peer) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        op = req["op"]
+        if op in ("send", "cancel", "approve"):
+            log.info("control.command", op=op, user=peer.user, uid=peer.uid, pid=peer.pid)
+            if self._journal is not None:
+                await self._journal.record_audit(peer.user, op, {k: v for k, v in req.items() if k != "op"})
+        if op == "send":
+            if self.stopping.is_set():
+                raise ControlError("stopping", "the daemon is stopping and takes no new alerts")
+            try:
+                request = AlertRequest.model_validate(req.get("alert") or {})
+            except ValueError as e:
+                raise ControlError("invalid", str(e)) from None
+            try:
+                run = await self.submit(request, source="cli", actor=peer.user)
+            except IngestError as e:
+                raise ControlError(e.reason.value, e.detail) from None
+            return {"id": run.id, "state": run.state_doc(self.district, self.engine.clock())}
+        if op == "status":
+            return {"state": self._run(req).state_doc(self.district, self.engine.clock())}
+        if op == "list":
+            now = self.engine.clock()
+            return {"alerts": [r.state_doc(self.district, now) for r in self.engine.runs.values()]}
+        if op == "cancel":
+            run = self._run(req)
+            if self.engine.cancel(run.id, f"cancelled by {peer.user}") is None:
+                raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
+            return {"state": run.state_doc(self.district, self.engine.clock())}
+        if op == "approve":
+            run = self._run(req)
+            if self.engine.approve(run.id) is None:
+                raise ControlError("not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})")
+            return {"state": run.state_doc(self.district, self.engine.clock())}
+        if op == "watch":
+            return self._watch(self._run(req))
+        if op == "report":
+            return self._report(self._run(req))
+        if op == "terminals":
+            return {"terminals": self._terminals()}
+        raise ControlError("bad_request", f"unknown op {op!r}")
+
+    def _run(self, req: dict[str, Any]) -> AlertRun:
+        alert_id = req.get("id")
+        run = self.engine.runs.get(alert_id) if isinstance(alert_id, str) else None
+        if run is None:
+            raise ControlError("unknown_alert", f"no alert with id {alert_id!r} (ebcd alert list shows them)")
+        return run
+
+    async def _watch(self, run: AlertRun) -> AsyncIterator[dict[str, Any]]:
+        q = self.engine.watch(run.id)
+        try:
+            doc = run.state_doc(self.district, self.engine.clock())
+            while True:
+                settled = run.state is not AlertState.DISPATCHING
+                yield {"state": doc, "more": not settled}
+                if settled:
+                    return
+                doc = await q.get()
+        finally:
+            self.engine.unwatch(run.id, q)
+
+    def _report(self, run: AlertRun) -> dict[str, Any]:
+        buckets = run.buckets()
+        towns = []
+        for town in self.district.towns.values():
+            tt = town.tally(buckets)
+            if not tt.targets:
+                continue
+            villages = [{"code": code, "name": town.villages[code].name, **t.as_dict()}
+                        for code, t in town.village_tallies(buckets).items()]
+            towns.append({"code": town.code, "name": town.name, **tt.as_dict(), "villages": villages})
+        problems = []
+        for code, d in run.deliveries.items():
+            if d.state is not DState.ACKNOWLEDGED:
+                term = self.district.terminal(code)
+                problems.append({"terminal": code, "name": term.name if term else "", "state": d.state.value,
+                                 "cause": d.cause, "attempts": d.attempts,
+                                 "liveness": self.engine.liveness[code].state if code in self.engine.liveness else "unknown"})
+        return {"state": run.state_doc(self.district, self.engine.clock()), "towns": towns, "problems": problems}
+
+    def _terminals(self) -> list[dict[str, Any]]:
+        out = []
+        for t in self.district.terminals():
+            live = self.engine.liveness[t.code]
+            out.append({"code": t.code, "name": t.name, "town": t.town, "village": t.village, "link": t.link,
+                        "state": live.state, "session": live.session})
+        return out
+
+
+def _read_secret(path: str | None, base: Path) -> str | None:
+    if not path:
+        return None
+    p = Path(path) if Path(path).is_absolute() else base / path
+    return p.read_text(encoding="utf-8").strip()

@@ -1,0 +1,138 @@
+"""`ebcd demo`: an embedded broker, the daemon, every simulated terminal and a district-wide test alert.
+
+The daemon and the simulators run as child processes, exactly as `ebcd run` and `ebcd simulate`;
+the demo talks to the daemon through its control socket like the duty officer's CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ebcd.cli_render import follow, print_report
+from ebcd.config import load_config
+from ebcd.control import SOCKET_NAME, ControlClient, NoDaemon
+from ebcd.tiers.loader import load_district
+
+console = Console(stderr=True)
+TEST_TEXT = "应急广播系统测试，请勿惊慌。This is a test of the district emergency broadcasting system."
+START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(*, config_path: Path, broker: str | None, faults: str, state_dir: Path | None) -> int:
+    """Run the whole demonstration; 0 when every reachable terminal acknowledged."""
+    config = load_config(config_path)
+    district = load_district(config)
+    work = state_dir or Path(tempfile.mkdtemp(prefix="ebcd-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]ebcd demo[/]: {config.district.name}, {len(district.towns)} towns, "
+                  f"{sum(len(t.villages) for t in district.towns.values())} villages, {len(district)} terminals")
+    console.print(f"logs and journal in {work}")
+    return asyncio.run(_demo(config_path, broker, faults, work, len(district)))
+
+
+async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, terminals: int) -> int:
+    embedded = None
+    if broker is None:
+        port = free_port()
+        broker = f"mqtt://127.0.0.1:{port}"
+        embedded = await _start_broker(port)
+        console.print(f"embedded MQTT broker (amqtt) on {broker}")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        base = [sys.executable, "-m", "ebcd"]
+        procs.append(_spawn([*base, "simulate", "-c", str(config_path), "--broker", broker, "--faults", faults,
+                             "--play-time", "0.5"], work / "simulate.log"))
+        procs.append(_spawn([*base, "run", "-c", str(config_path), "--broker", broker, "--state-dir", str(work),
+                             "--metrics-port", "0"], work / "daemon.log"))
+        client = ControlClient(work / SOCKET_NAME)
+        online = await _wait_online(client, terminals, procs)
+        console.print(f"{online} of {terminals} terminals online; sending a district-wide test alert")
+        answer = await client.request("send", alert={
+            "level": 4, "event_type": "00000", "targets": [{"kind": "all"}], "text": TEST_TEXT, "test": True,
+            "ttl_s": 600,
+        })
+        if not answer.get("ok"):
+            console.print(f"[red]the daemon refused the test alert: {answer.get('message')}")
+            return 2
+        alert_id = answer["id"]
+        t0 = time.monotonic()
+        final = await asyncio.to_thread(follow, client, alert_id, answer["state"], quiet=False)
+        took = time.monotonic() - t0
+        report = await client.request("report", id=alert_id)
+        if report.get("problems"):
+            print_report(report)
+        missed_online = [p for p in report.get("problems", []) if p["liveness"] == "online"]
+        console.print(f"{final['acked']} of {final['targets']} terminals acknowledged in {took:.2f} s; "
+                      f"{len(report.get('problems', []))} without acknowledgement, {len(missed_online)} of them online")
+        return 0 if final["state"] == "completed" or (final["acked"] and not missed_online) else 3
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if embedded is not None:
+            await embedded.shutdown()
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)  # noqa: S603
+
+
+async def _wait_online(client: ControlClient, expected: int, procs: list[subprocess.Popen[bytes]]) -> int:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    online, last_change, last = 0, time.monotonic(), -1
+    with console.status("starting the daemon and the simulated terminals") as status:
+        while time.monotonic() < deadline:
+            for p in procs:
+                if p.poll() is not None:
+                    raise SystemExit(f"ebcd demo: {' '.join(p.args[3:5])} exited with {p.returncode}; see its log")  # type: ignore[index]
+            with contextlib.suppress(NoDaemon, OSError):
+                answer = await client.request("terminals")
+                online = sum(1 for t in answer.get("terminals", []) if t["state"] == "online")
+                status.update(f"{online} of {expected} terminals online")
+                if online != last:
+                    last, last_change = online, time.monotonic()
+                if online >= expected or (online and time.monotonic() - last_change > 5):
+                    return online
+            await asyncio.sleep(0.3)
+    return online
+
+
+async def _start_broker(port: int) -> Any:
+    import logging  # noqa: PLC0415
+
+    from amqtt.broker import Broker  # noqa: PLC0415
+
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    broker = Broker({
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "max_connections": 5000}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    })
+    await broker.start()
+    return broker

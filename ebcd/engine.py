@@ -1,0 +1,360 @@
+"""The delivery engine: turns accepted alerts into commands, acks into states, time into retries.
+
+It never sees bytes: commands go out through `Transport`s (one per link kind), reports come in
+as typed messages. One timer task drives every alert (`AlertRun` is sans-IO); one publisher task
+coalesces state updates so hundreds of acks make a few publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from ebcd.alert import AlertRequest
+from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
+from ebcd.delivery import Delivery, DState
+from ebcd.metrics import Metrics
+from ebcd.protocols.messages import (
+    AckStatus,
+    Command,
+    Liveness,
+    PlayCommand,
+    StopCommand,
+    TerminalPresence,
+    TerminalReport,
+)
+from ebcd.tiers.district import District
+from ebcd.tiers.terminal import Terminal
+
+log = structlog.get_logger("ebcd.engine")
+
+
+class Transport(Protocol):
+    """A link kind that can carry commands to terminals."""
+
+    name: str
+
+    def send(self, cmd: Command, terminals: Sequence[Terminal], *, first: bool) -> None:
+        """Queue `cmd` for these terminals; `first` allows group addressing."""
+
+
+StatePublisher = Callable[[AlertRun, dict[str, Any]], None]
+TransitionSink = Callable[[str, str, str, str | None, float], None]
+
+
+@dataclass(slots=True)
+class TerminalLiveness:
+    """What ebcd knows about a terminal being there: unknown until it speaks."""
+
+    state: str = "unknown"
+    session: int = -1
+    last_seen: float = 0.0
+
+
+@dataclass
+class Engine:
+    """Every accepted alert and its deliveries, driven to their final states."""
+
+    district: District
+    policy: RetryPolicy
+    transports: dict[str, Transport]
+    metrics: Metrics
+    publish_state: StatePublisher
+    record_transition: TransitionSink | None = None
+    state_interval_s: float = 0.25
+    clock: Callable[[], float] = time.monotonic
+    runs: dict[str, AlertRun] = field(default_factory=dict)
+    liveness: dict[str, TerminalLiveness] = field(default_factory=dict)
+    _poke: asyncio.Event = field(default_factory=asyncio.Event)
+    _dirty: set[str] = field(default_factory=set)
+    _watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = field(default_factory=dict)
+    _seq: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def __post_init__(self) -> None:
+        for t in self.district.terminals():
+            self.liveness.setdefault(t.code, TerminalLiveness())
+
+    # -- accepting ---------------------------------------------------------------------------
+    def accept(
+        self,
+        request: AlertRequest,
+        terminals: Sequence[Terminal],
+        *,
+        alert_id: str,
+        ebmid: str,
+        hold: bool = False,
+        deliveries: dict[str, Delivery] | None = None,
+        expires_in_s: float | None = None,
+        accepted_at: float | None = None,
+        revision: int = 1,
+    ) -> AlertRun:
+        """Register an alert and start its fan-out (unless `hold`, for manual review)."""
+        now = self.clock()
+        run = AlertRun(
+            id=alert_id,
+            ebmid=ebmid,
+            request=request,
+            deliveries=deliveries or {t.code: Delivery(t.code) for t in terminals},
+            accepted_at=accepted_at if accepted_at is not None else time.time(),
+            started=now,
+            expires=now + (expires_in_s if expires_in_s is not None else request.ttl_s),
+            revision=revision,
+            state=AlertState.PENDING_APPROVAL if hold else AlertState.DISPATCHING,
+        )
+        self.runs[alert_id] = run
+        run.settle(now)
+        self._mark(run)
+        self._poke.set()
+        log.info("alert.accepted", alert_id=alert_id, targets=len(run.deliveries), level=request.level,
+                 event_type=request.event_type, state=run.state.value)
+        return run
+
+    def approve(self, alert_id: str) -> AlertRun | None:
+        """Release an alert held for manual review."""
+        run = self.runs.get(alert_id)
+        if run is None or run.state is not AlertState.PENDING_APPROVAL:
+            return None
+        run.state = AlertState.DISPATCHING
+        self._mark(run)
+        self._poke.set()
+        return run
+
+    def cancel(self, alert_id: str, why: str, state: AlertState = AlertState.CANCELLED) -> AlertRun | None:
+        """End an alert: stop every terminal that has it, end its open deliveries."""
+        run = self.runs.get(alert_id)
+        if run is None or not run.active:
+            return None
+        now = self.clock()
+        before = {t: d.state for t, d in run.deliveries.items()}
+        to_stop = run.end(state, now, why)
+        self._after_transitions(run, before, now)
+        if to_stop:
+            self._send(run, self._stop(run, why), to_stop, first=True)
+        self._mark(run)
+        log.info("alert.ended", alert_id=alert_id, state=run.state.value, reason=why, stopped=len(to_stop))
+        return run
+
+    # -- incoming ----------------------------------------------------------------------------
+    def on_report(self, report: TerminalReport) -> None:
+        """A terminal acknowledged or refused a command."""
+        run = self.runs.get(report.alert_id)
+        if run is None or report.terminal not in run.deliveries:
+            self.metrics.unexpected.labels("report").inc()
+            log.debug("report.unmatched", alert_id=report.alert_id, terminal=report.terminal)
+            return
+        if report.status is AckStatus.STOPPED:
+            return
+        now = self.clock()
+        d = run.deliveries[report.terminal]
+        before = d.state
+        first_ack = d.acked_at is None
+        if not run.on_report(report, now):
+            return
+        self._after_transitions(run, {report.terminal: before}, now)
+        if first_ack and d.acked_at is not None:
+            self.metrics.latency.observe(now - run.started)
+        if run.counts["pending"] == 0:
+            run.settle(now)
+        self._mark(run)
+        self._live(report.terminal, now)
+
+    def on_presence(self, p: TerminalPresence) -> None:
+        """Birth, heartbeat or last will: track liveness, re-send what a returning terminal missed."""
+        live = self.liveness.get(p.terminal)
+        if live is None:
+            self.metrics.unexpected.labels("presence").inc()
+            return
+        now = self.clock()
+        if p.session < live.session:
+            log.info("terminal.stale_presence", terminal=p.terminal, session=p.session, current=live.session)
+            return
+        if p.state is Liveness.OFFLINE:
+            live.state, live.session = "offline", p.session
+            log.info("terminal.offline", terminal=p.terminal, session=p.session)
+            return
+        returning = live.state != "online" or p.session > live.session
+        live.session, live.last_seen = p.session, now
+        live.state = "online"
+        if returning and not p.heartbeat:
+            self._reopen(p.terminal, now, f"terminal back online (session {p.session})")
+
+    def _live(self, terminal: str, now: float) -> None:
+        live = self.liveness.get(terminal)
+        if live is not None:
+            live.last_seen = now
+            if live.state != "online":
+                live.state = "online"
+
+    def mark_unknown(self, terminals: Sequence[str]) -> None:
+        """A room went silent: its terminals' liveness is unknown again."""
+        for code in terminals:
+            if code in self.liveness:
+                self.liveness[code].state = "unknown"
+
+    def _reopen(self, terminal: str, now: float, why: str) -> None:
+        for run in self.runs.values():
+            d = run.deliveries.get(terminal)
+            if d is None or not run.active or d.state is DState.ACKNOWLEDGED:
+                continue
+            before = d.state
+            if run.reopen(terminal, now, why):
+                self._after_transitions(run, {terminal: before}, now)
+                run.settle(now)
+                self._mark(run)
+                self._poke.set()
+
+    # -- the timer loop ----------------------------------------------------------------------
+    async def run_timers(self) -> None:
+        """Send, time out, retry and expire, for every alert, until cancelled."""
+        while True:
+            now = self.clock()
+            wake = now + 60.0
+            for run in list(self.runs.values()):
+                if run.active:
+                    self._step(run, now)
+                if run.active and run.state is not AlertState.PENDING_APPROVAL:
+                    wake = min(wake, run.next_wake())
+                elif run.state is AlertState.PENDING_APPROVAL:
+                    wake = min(wake, run.expires)
+            self._poke.clear()
+            timeout = max(0.0, wake - self.clock())
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _step(self, run: AlertRun, now: float) -> None:
+        if now >= run.expires:
+            self.cancel(run.id, "time to live ended", AlertState.EXPIRED)
+            return
+        if run.state is AlertState.PENDING_APPROVAL:
+            return
+        before = {t: d.state for t, d in run.deliveries.items()}
+        timed_out = run.check_timers(now, self.policy)
+        due = run.to_send(now)
+        if due:
+            retry = [t for t in due if run.deliveries[t].attempts > 0]
+            for t in retry:
+                term = self.district.terminal(t)
+                self.metrics.retries.labels(term.link if term else "mqtt").inc()
+            run.mark_sent(due, now, self.policy)
+            self._send(run, self._play(run, now), due, first=not retry and len(due) == len(run.deliveries))
+        if timed_out or due:
+            self._after_transitions(run, before, now)
+            run.settle(now)
+            self._mark(run)
+
+    # -- commands ----------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _play(self, run: AlertRun, now: float) -> PlayCommand:
+        r = run.request
+        return PlayCommand(
+            alert_id=run.id, ebmid=run.ebmid, revision=run.revision, seq=self._next_seq(), level=r.level,
+            event_type=r.event_type, text=r.text, ttl_s=max(0.0, run.expires - now), volume=r.volume,
+            test=r.test, issued_at=time.time(),
+        )
+
+    def _stop(self, run: AlertRun, why: str) -> StopCommand:
+        return StopCommand(run.id, run.ebmid, run.revision, self._next_seq(), why, time.time())
+
+    def _send(self, run: AlertRun, cmd: Command, codes: Sequence[str], *, first: bool) -> None:
+        by_link: dict[str, list[Terminal]] = {}
+        for code in codes:
+            term = self.district.terminal(code)
+            if term is not None:
+                by_link.setdefault(term.link, []).append(term)
+        for link, terms in by_link.items():
+            transport = self.transports.get(link)
+            if transport is None:
+                log.error("transport.missing", alert_id=run.id, link=link, terminals=len(terms))
+                continue
+            transport.send(cmd, terms, first=first)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _after_transitions(self, run: AlertRun, before: dict[str, DState], now: float) -> None:
+        """Journal and count what changed since `before` (acks' progress is journalled too)."""
+        for code, old in before.items():
+            d = run.deliveries[code]
+            if d.state is old and not (old is DState.ACKNOWLEDGED and d.history and d.history[-1][0] == now):
+                continue
+            if self.record_transition is not None:
+                detail = d.progress.value if d.state is DState.ACKNOWLEDGED and d.progress else d.cause
+                self.record_transition(run.id, code, d.state.value, detail, now)
+            outcome = _OUTCOME.get(d.state)
+            if d.state is old or outcome is None or (outcome == "uncertain" and d.retry_at is not None):
+                continue
+            term = self.district.terminal(code)
+            self.metrics.deliveries.labels(outcome, term.link if term else "mqtt").inc()
+
+    def _mark(self, run: AlertRun) -> None:
+        self._dirty.add(run.id)
+
+    async def run_publisher(self) -> None:
+        """Publish dirty alert states at most every `state_interval_s`, and feed watchers."""
+        while True:
+            await asyncio.sleep(self.state_interval_s)
+            self.flush_states()
+
+    def flush_states(self) -> None:
+        """Publish every changed alert state now."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        now = self.clock()
+        for alert_id in dirty:
+            run = self.runs.get(alert_id)
+            if run is None:
+                continue
+            doc = run.state_doc(self.district, now)
+            self.publish_state(run, doc)
+            for q in self._watchers.get(alert_id, []):
+                if q.full():
+                    q.get_nowait()  # a watcher only needs the newest state
+                q.put_nowait(doc)
+        counts: dict[str, int] = {}
+        for run in self.runs.values():
+            counts[run.state.value] = counts.get(run.state.value, 0) + 1
+        for state in AlertState:
+            self.metrics.alerts_by_state.labels(state.value).set(counts.get(state.value, 0))
+
+    def republish_all(self) -> None:
+        """Mark every alert for republishing (after a reconnect)."""
+        self._dirty.update(self.runs)
+
+    def watch(self, alert_id: str) -> asyncio.Queue[dict[str, Any]]:
+        """A queue that receives the alert's state each time it is published."""
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
+        self._watchers.setdefault(alert_id, []).append(q)
+        return q
+
+    def unwatch(self, alert_id: str, q: asyncio.Queue[dict[str, Any]]) -> None:
+        """Stop feeding a watcher."""
+        qs = self._watchers.get(alert_id, [])
+        if q in qs:
+            qs.remove(q)
+        if not qs:
+            self._watchers.pop(alert_id, None)
+
+    def liveness_counts(self) -> dict[str, int]:
+        """Terminals per liveness state."""
+        out = {"unknown": 0, "online": 0, "offline": 0}
+        for live in self.liveness.values():
+            out[live.state] += 1
+        return out
+
+
+_OUTCOME = {
+    DState.ACKNOWLEDGED: "acked",
+    DState.REFUSED: "refused",
+    DState.UNCERTAIN: "uncertain",
+    DState.EXPIRED: "expired",
+    DState.CANCELLED: "cancelled",
+}

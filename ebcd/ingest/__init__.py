@@ -1,0 +1,42 @@
+"""Ingest: upstream payloads (JSON alerts, CAP 1.2) turned into `AlertRequest`s or refused.
+
+Every refusal is an `IngestError` with a stable reason code (the label of
+`ebcd_rejected_messages_total{reason}` and the `reason` of the rejection topic) and a detail
+that says what and where.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+class Reason(StrEnum):
+    """Why an upstream message was refused."""
+
+    TOO_LARGE = "too_large"
+    MALFORMED_JSON = "malformed_json"
+    MALFORMED_XML = "malformed_xml"
+    FORBIDDEN_XML = "forbidden_xml"  # DTDs, entities, external references
+    SCHEMA = "schema"  # well-formed but breaks the format's rules
+    UNKNOWN_FORMAT = "unknown_format"
+    UNKNOWN_EVENT = "unknown_event"
+    UNKNOWN_TARGET = "unknown_target"
+    NO_TARGET_IN_DISTRICT = "no_target_in_district"
+    UNSUPPORTED = "unsupported"  # valid, but not something ebcd acts on (CAP Ack/Error, Draft)
+    DUPLICATE = "duplicate"
+    UNKNOWN_REFERENCE = "unknown_reference"
+    EXPIRED = "expired"
+    NOT_ALLOWED = "not_allowed"
+    JOURNAL = "journal"  # could not be journalled durably, so it was not accepted
+
+
+class IngestError(Exception):
+    """An upstream message refused with a reason code and a human detail."""
+
+    def __init__(self, reason: Reason, detail: str, identifier: str | None = None) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.identifier = identifier

@@ -1,0 +1,32 @@
+"""structlog set-up: JSON lines when not on a terminal (journald friendly), readable otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def setup(level: str = "info", *, json: bool | None = None, stream: object = None) -> None:
+    """Configure structlog and the stdlib loggers of the libraries underneath."""
+    out = stream if stream is not None else sys.stderr
+    as_json = json if json is not None else not getattr(out, "isatty", lambda: False)()
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer(ensure_ascii=False) if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*processors, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=out)  # type: ignore[arg-type]
+    for noisy in ("amqtt", "transitions", "passlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,72 @@
+"""Prometheus metrics: one registry per daemon, bounded label sets (never an alert id or code)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from ebcd import __version__
+
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
+JOURNAL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Metrics:
+    """Every metric ebcd exports."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.build = Info("ebcd_build", "ebcd version", registry=r)
+        self.build.info({"version": __version__})
+        self.alerts = Counter(
+            "ebcd_alerts", "Alerts accepted, by level and origin", ["level", "source"], registry=r
+        )
+        self.alerts_by_state = Gauge(
+            "ebcd_alerts_in_state", "Alerts held by the daemon, by state", ["state"], registry=r
+        )
+        self.deliveries = Counter(
+            "ebcd_deliveries",
+            "Delivery outcomes: acked, refused, uncertain, expired, cancelled",
+            ["outcome", "transport"],
+            registry=r,
+        )
+        self.retries = Counter("ebcd_delivery_retries", "Deliveries sent again", ["transport"], registry=r)
+        self.commands = Counter(
+            "ebcd_commands_published", "Commands published, by addressing", ["addressing"], registry=r
+        )
+        self.latency = Histogram(
+            "ebcd_delivery_latency_seconds",
+            "Alert accepted to a terminal's first acknowledgement",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.terminals = Gauge("ebcd_terminals", "Terminals by liveness state", ["state"], registry=r)
+        self.town_terminals = Gauge(
+            "ebcd_town_terminals", "Terminals by town and liveness state", ["town", "state"], registry=r
+        )
+        self.rejected = Counter(
+            "ebcd_rejected_messages", "Upstream messages refused, by reason", ["reason"], registry=r
+        )
+        self.dropped = Counter(
+            "ebcd_dropped_messages", "Messages ebcd could not carry, by where and why", ["where"], registry=r
+        )
+        self.mqtt_connected = Gauge("ebcd_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.mqtt_connects = Counter("ebcd_mqtt_connects", "Connections made to the broker", registry=r)
+        self.queue_depth = Gauge("ebcd_queue_depth", "Messages waiting, by queue", ["queue"], registry=r)
+        self.unexpected = Counter(
+            "ebcd_unexpected_messages", "Terminal messages that matched nothing", ["kind"], registry=r
+        )
+        self.journal_latency = Histogram(
+            "ebcd_journal_commit_seconds", "Journal transaction latency", buckets=JOURNAL_BUCKETS_S, registry=r
+        )
+        self.missed_tests = Gauge(
+            "ebcd_test_broadcast_missed_terminals",
+            "Terminals that did not acknowledge the last test broadcast",
+            registry=r,
+        )
+        self.serial_link = Gauge("ebcd_serial_links_up", "Serial ports open", registry=r)
+        for outcome in ("acked", "refused", "uncertain", "expired", "cancelled"):
+            self.deliveries.labels(outcome, "mqtt")
+        self.dropped.labels("mqtt_outgoing")
+        self.dropped.labels("ingest_queue")
+        for state in ("unknown", "online", "offline"):
+            self.terminals.labels(state)

@@ -1,0 +1,269 @@
+"""The MQTT wire protocol between ebcd and its IP/4G terminals: topics and JSON payloads.
+
+Pure: no I/O. Topics (`{d}` the district platform's EBRID, `{t}` a terminal's EBRID,
+`{g}` a room's EBRID):
+
+    ebc/v1/{d}/t/{t}/cmd        ebcd -> one terminal       QoS 1, never retained
+    ebc/v1/{d}/g/{g}/cmd        ebcd -> every terminal of a village, a town, or the district
+    ebc/v1/{d}/t/{t}/report     terminal -> ebcd           acknowledgements and refusals
+    ebc/v1/{d}/t/{t}/presence   terminal -> ebcd           birth, heartbeat, last will
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ebcd.protocols.messages import (
+    AckStatus,
+    Command,
+    Liveness,
+    PlayCommand,
+    StopCommand,
+    TerminalPresence,
+    TerminalReport,
+)
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class CodecError(ValueError):
+    """Bytes from a peer that are not a valid message of this protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic of one district."""
+
+    district: str
+
+    @property
+    def prefix(self) -> str:
+        """`ebc/v1/{d}`."""
+        return f"ebc/v1/{self.district}"
+
+    @property
+    def alerts_in(self) -> str:
+        """Where upstream systems publish alerts."""
+        return f"{self.prefix}/alerts/in"
+
+    @property
+    def rejected(self) -> str:
+        """Where ebcd publishes rejections of upstream messages."""
+        return f"{self.prefix}/alerts/rejected"
+
+    @property
+    def status(self) -> str:
+        """ebcd's own retained online/offline status."""
+        return f"{self.prefix}/status"
+
+    def alert_state(self, alert_id: str) -> str:
+        """The retained state of one alert."""
+        return f"{self.prefix}/alerts/{alert_id}"
+
+    def terminal_cmd(self, terminal: str) -> str:
+        """Commands for one terminal."""
+        return f"{self.prefix}/t/{terminal}/cmd"
+
+    def group_cmd(self, room: str) -> str:
+        """Commands for every terminal under a room (village, town or the district itself)."""
+        return f"{self.prefix}/g/{room}/cmd"
+
+    def report(self, terminal: str) -> str:
+        """A terminal's acknowledgements."""
+        return f"{self.prefix}/t/{terminal}/report"
+
+    def presence(self, terminal: str) -> str:
+        """A terminal's birth, heartbeat and last will."""
+        return f"{self.prefix}/t/{terminal}/presence"
+
+    @property
+    def all_reports(self) -> str:
+        """Subscription for every terminal's reports."""
+        return f"{self.prefix}/t/+/report"
+
+    @property
+    def all_presence(self) -> str:
+        """Subscription for every terminal's presence."""
+        return f"{self.prefix}/t/+/presence"
+
+    def terminal_of(self, topic: str) -> str | None:
+        """The terminal code in a `t/{t}/...` topic, or None."""
+        parts = topic.split("/")
+        if len(parts) == 6 and parts[3] == "t" and "/".join(parts[:3]) == self.prefix:
+            return parts[4]
+        return None
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _PlayWire(_Wire):
+    v: int = PROTOCOL_VERSION
+    op: Literal["play"]
+    alert: str = Field(max_length=64)
+    ebmid: str = Field(max_length=35)
+    rev: int = Field(ge=1)
+    seq: int = Field(ge=0)
+    level: int = Field(ge=0, le=15)
+    event: str = Field(min_length=5, max_length=5)
+    text: str = Field(max_length=4000)
+    ttl_s: float = Field(ge=0)
+    volume: int = Field(default=0xFF, ge=0, le=0xFF)
+    test: bool = False
+    issued: float = 0.0
+    targets: tuple[str, ...] = ()
+
+
+class _StopWire(_Wire):
+    v: int = PROTOCOL_VERSION
+    op: Literal["stop"]
+    alert: str = Field(max_length=64)
+    ebmid: str = Field(max_length=35)
+    rev: int = Field(ge=1)
+    seq: int = Field(ge=0)
+    reason: str = Field(max_length=200)
+    issued: float = 0.0
+    targets: tuple[str, ...] = ()
+
+
+class _ReportWire(_Wire):
+    alert: str = Field(max_length=64)
+    rev: int = Field(ge=0)
+    status: AckStatus
+    cause: str | None = Field(default=None, max_length=200)
+    seq: int = 0
+
+
+class _PresenceWire(_Wire):
+    state: Liveness
+    session: int = Field(ge=0)
+    heartbeat: bool = False
+    playing: tuple[str, ...] = ()
+
+
+def _dump(d: dict[str, Any]) -> bytes:
+    return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _load(payload: bytes) -> Any:
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise CodecError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CodecError(f"not JSON: {e}") from None
+
+
+def encode_command(cmd: Command) -> bytes:
+    """A command as the bytes of its MQTT payload."""
+    if isinstance(cmd, PlayCommand):
+        return _dump(
+            {
+                "v": PROTOCOL_VERSION,
+                "op": "play",
+                "alert": cmd.alert_id,
+                "ebmid": cmd.ebmid,
+                "rev": cmd.revision,
+                "seq": cmd.seq,
+                "level": cmd.level,
+                "event": cmd.event_type,
+                "text": cmd.text,
+                "ttl_s": round(cmd.ttl_s, 3),
+                "volume": cmd.volume,
+                "test": cmd.test,
+                "issued": cmd.issued_at,
+                "targets": list(cmd.targets),
+            }
+        )
+    return _dump(
+        {
+            "v": PROTOCOL_VERSION,
+            "op": "stop",
+            "alert": cmd.alert_id,
+            "ebmid": cmd.ebmid,
+            "rev": cmd.revision,
+            "seq": cmd.seq,
+            "reason": cmd.reason,
+            "issued": cmd.issued_at,
+            "targets": list(cmd.targets),
+        }
+    )
+
+
+def decode_command(payload: bytes) -> Command:
+    """Parse a command payload; raise CodecError saying what is wrong."""
+    raw = _load(payload)
+    op = raw.get("op") if isinstance(raw, dict) else None
+    try:
+        if op == "play":
+            p = _PlayWire.model_validate(raw)
+            return PlayCommand(
+                p.alert,
+                p.ebmid,
+                p.rev,
+                p.seq,
+                p.level,
+                p.event,
+                p.text,
+                p.ttl_s,
+                p.volume,
+                p.test,
+                p.issued,
+                p.targets,
+            )
+        if op == "stop":
+            s = _StopWire.model_validate(raw)
+            return StopCommand(s.alert, s.ebmid, s.rev, s.seq, s.reason, s.issued, s.targets)
+    except ValidationError as e:
+        raise CodecError(_first_error(e)) from None
+    raise CodecError(f"unknown op {op!r}")
+
+
+def encode_report(report: TerminalReport) -> bytes:
+    """A terminal report as the bytes of its MQTT payload (the terminal is in the topic)."""
+    d: dict[str, Any] = {"alert": report.alert_id, "rev": report.revision, "status": report.status.value}
+    if report.cause:
+        d["cause"] = report.cause
+    if report.seq:
+        d["seq"] = report.seq
+    return _dump(d)
+
+
+def decode_report(terminal: str, payload: bytes) -> TerminalReport:
+    """Parse a terminal's report published on its own report topic."""
+    try:
+        r = _ReportWire.model_validate(_load(payload))
+    except ValidationError as e:
+        raise CodecError(_first_error(e)) from None
+    return TerminalReport(terminal, r.alert, r.rev, r.status, r.cause, r.seq)
+
+
+def encode_presence(p: TerminalPresence) -> bytes:
+    """Birth, heartbeat or last will payload."""
+    d: dict[str, Any] = {"state": p.state.value, "session": p.session}
+    if p.heartbeat:
+        d["heartbeat"] = True
+    if p.playing:
+        d["playing"] = list(p.playing)
+    return _dump(d)
+
+
+def decode_presence(terminal: str, payload: bytes) -> TerminalPresence:
+    """Parse a terminal's presence message."""
+    try:
+        p = _PresenceWire.model_validate(_load(payload))
+    except ValidationError as e:
+        raise CodecError(_first_error(e)) from None
+    return TerminalPresence(terminal, p.state, p.session, p.heartbeat, p.playing)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "message"
+    return f"{loc}: {err['msg']}"

@@ -1,0 +1,239 @@
+"""The MQTT link: the only module that imports aiomqtt.
+
+One `MqttLink` owns one client connection. It reconnects with capped, jittered backoff and
+re-subscribes on every connect, hands every received message to a synchronous callback (which
+must be quick: decode and note, never block), and sends through a bounded outgoing queue served
+by a fixed number of workers. Every message it cannot carry is logged and counted; none is
+dropped quietly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import aiomqtt
+import structlog
+
+log = structlog.get_logger("ebcd.mqtt")
+
+
+class LinkState(IntEnum):
+    """Connection state, also exported as a gauge."""
+
+    DISCONNECTED = 0
+    CONNECTING = 1
+    CONNECTED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The last will the broker publishes if the connection dies."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message waiting to be published."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+MessageHandler = Callable[[str, bytes, bool, Any], None]  # topic, payload, retain, properties
+
+
+class MqttLink:
+    """A reconnecting MQTT client with a bounded, counted outgoing queue."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        subscriptions: Sequence[str] = (),
+        on_message: MessageHandler | None = None,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        will: Callable[[], Will | None] | None = None,
+        tls: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive_s: int = 30,
+        clean_session: bool = True,
+        reconnect_initial_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        publish_workers: int = 16,
+        queue_size: int = 10_000,
+        on_drop: Callable[[str], None] | None = None,
+        on_state: Callable[[LinkState], None] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self._host, self._port, self._client_id = host, port, client_id
+        self._subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._will = will
+        self._tls, self._username, self._password = tls, username, password
+        self._keepalive_s, self._clean_session = keepalive_s, clean_session
+        self._reconnect = (reconnect_initial_s, reconnect_max_s)
+        self._workers = publish_workers
+        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=queue_size)
+        self._on_drop = on_drop
+        self._on_state = on_state
+        self._quiet = quiet
+        self._client: aiomqtt.Client | None = None
+        self.state = LinkState.DISCONNECTED
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.dropped = 0
+        self._log = log.bind(client_id=client_id)
+
+    # -- publishing ------------------------------------------------------------------------
+    def enqueue(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a message for the publisher workers; False (logged, counted) if the queue is full."""
+        try:
+            self._queue.put_nowait(Outgoing(topic, payload, qos, retain))
+        except asyncio.QueueFull:
+            self._drop("outgoing queue full", topic)
+            return False
+        return True
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout_s: float = 5.0
+    ) -> bool:
+        """Publish now if connected and wait for the broker; False if it could not be done."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+        except aiomqtt.MqttError as e:
+            self._log.warning("mqtt.publish_failed", topic=topic, error=str(e))
+            return False
+        return True
+
+    @property
+    def queue_depth(self) -> int:
+        """Messages waiting to be published."""
+        return self._queue.qsize()
+
+    def _drop(self, why: str, topic: str) -> None:
+        self.dropped += 1
+        self._log.warning("mqtt.dropped", reason=why, topic=topic)
+        if self._on_drop:
+            self._on_drop(why)
+
+    # -- the connection --------------------------------------------------------------------
+    def _set_state(self, state: LinkState) -> None:
+        self.state = state
+        if state is LinkState.CONNECTED:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        if self._on_state:
+            self._on_state(state)
+
+    def _make_client(self) -> aiomqtt.Client:
+        will = self._will() if self._will else None
+        tls_context = ssl.create_default_context() if self._tls else None
+        return aiomqtt.Client(
+            self._host,
+            self._port,
+            identifier=self._client_id,
+            username=self._username,
+            password=self._password,
+            keepalive=self._keepalive_s,
+            clean_session=self._clean_session,
+            will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
+            tls_context=tls_context,
+            max_inflight_messages=max(20, self._workers),
+            timeout=10,
+        )
+
+    async def run(self) -> None:
+        """Connect, serve and reconnect until cancelled."""
+        rng = random.Random()
+        failures = 0
+        while True:
+            self._set_state(LinkState.CONNECTING)
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    failures = 0
+                    self.connects += 1
+                    await self._serve(client)
+            except aiomqtt.MqttError as e:
+                failures += 1
+                delay = min(self._reconnect[1], self._reconnect[0] * 2 ** min(failures - 1, 16))
+                delay *= rng.uniform(0.5, 1.0)
+                if not self._quiet or failures == 1:
+                    self._log.warning("mqtt.disconnected", error=str(e), retry_in_s=round(delay, 2))
+                self._client = None
+                self._set_state(LinkState.DISCONNECTED)
+                await asyncio.sleep(delay)
+            finally:
+                self._client = None
+                if self.state is not LinkState.DISCONNECTED:
+                    self._set_state(LinkState.DISCONNECTED)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        for topic in self._subscriptions:
+            await client.subscribe(topic, qos=1)
+        self._set_state(LinkState.CONNECTED)
+        if not self._quiet:
+            self._log.info("mqtt.connected", broker=f"{self._host}:{self._port}", connects=self.connects)
+        if self._on_connect:
+            await self._on_connect()
+        async with asyncio.TaskGroup() as tg:
+            workers = [
+                tg.create_task(self._publisher(client), name=f"mqtt-pub-{i}") for i in range(self._workers)
+            ]
+            try:
+                await self._receive(client)
+            finally:
+                for w in workers:
+                    w.cancel()
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        handler = self._on_message
+        async for message in client.messages:
+            if handler is None:
+                continue
+            payload = message.payload
+            if isinstance(payload, str):
+                data = payload.encode()
+            elif isinstance(payload, bytes | bytearray):
+                data = bytes(payload)
+            else:
+                data = b"" if payload is None else str(payload).encode()
+            handler(message.topic.value, data, message.retain, message.properties)
+
+    async def _publisher(self, client: aiomqtt.Client) -> None:
+        while True:
+            msg = await self._queue.get()
+            try:
+                await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=10)
+            except aiomqtt.MqttError as e:
+                self._drop(f"publish failed: {e}", msg.topic)
+            finally:
+                self._queue.task_done()
+
+
+async def wait_connected(link: MqttLink, timeout_s: float) -> bool:
+    """Wait until the link is connected, at most `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(link.connected.wait(), timeout_s)
+    return link.connected.is_set()

@@ -1,0 +1,44 @@
+"""Counting deliveries per tier: the figures of the alert state and the coverage report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Tally:
+    """How an alert stands among a set of terminals."""
+
+    targets: int = 0
+    acked: int = 0
+    failed: int = 0
+    uncertain: int = 0
+    pending: int = 0
+
+    def add(self, bucket: str) -> None:
+        """Count one terminal whose delivery is in `bucket` (acked/failed/uncertain/pending)."""
+        self.targets += 1
+        if bucket == "acked":
+            self.acked += 1
+        elif bucket == "failed":
+            self.failed += 1
+        elif bucket == "uncertain":
+            self.uncertain += 1
+        else:
+            self.pending += 1
+
+    @property
+    def coverage(self) -> float:
+        """Acknowledged share of the targets, 1.0 for an empty set."""
+        return round(self.acked / self.targets, 4) if self.targets else 1.0
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The JSON shape used in alert states and reports."""
+        return {
+            "targets": self.targets,
+            "acked": self.acked,
+            "failed": self.failed,
+            "uncertain": self.uncertain,
+            "pending": self.pending,
+            "coverage": self.coverage,
+        }

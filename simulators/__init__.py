@@ -1,0 +1,1 @@
+"""Terminal simulators: MQTT loudspeakers and serial buses that speak ebcd's real wire protocols."""

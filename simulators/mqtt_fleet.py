@@ -1,0 +1,137 @@
+"""Simulated IP/4G terminals: each one its own MQTT connection, with birth, heartbeat and will."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from ebcd.protocols import mqtt_codec
+from ebcd.protocols.messages import Liveness, TerminalPresence
+from ebcd.protocols.mqtt_codec import CodecError, Topics
+from ebcd.protocols.mqtt_link import MqttLink, Will
+from ebcd.tiers.district import District
+from ebcd.tiers.terminal import Terminal
+from ebcd.transport import group_topics_of
+from simulators.faults import Fault, FaultPlan
+from simulators.terminal import Step, TerminalBehaviour
+
+log = structlog.get_logger("ebcd.simulator")
+
+FLAP_INTERVAL_S = 4.0
+FLAP_DOWN_S = 1.5
+
+
+class SimTerminal:
+    """One simulated terminal on its own MQTT connection."""
+
+    def __init__(self, district: District, terminal: Terminal, host: str, port: int, behaviour: TerminalBehaviour,
+                 *, session_base: int) -> None:
+        self.terminal = terminal
+        self.behaviour = behaviour
+        self.topics = Topics(district.code)
+        self.session = session_base
+        subs = [self.topics.terminal_cmd(terminal.code)]
+        subs += [self.topics.group_cmd(room) for room in group_topics_of(district, terminal)]
+        self.link = MqttLink(
+            host=host, port=port, client_id=f"sim-{terminal.code}", subscriptions=subs,
+            on_message=self._on_message, on_connect=self._on_connect, will=self._will,
+            keepalive_s=30, publish_workers=2, queue_size=1000, quiet=True,
+            reconnect_initial_s=0.5, reconnect_max_s=10.0,
+        )
+
+    def _presence(self, state: Liveness, *, heartbeat: bool = False) -> bytes:
+        return mqtt_codec.encode_presence(TerminalPresence(self.terminal.code, state, self.session, heartbeat))
+
+    def _will(self) -> Will:
+        self.session += 1  # every connection is a new session; its will carries its number
+        return Will(self.topics.presence(self.terminal.code), self._presence(Liveness.OFFLINE))
+
+    async def _on_connect(self) -> None:
+        self.link.enqueue(self.topics.presence(self.terminal.code), self._presence(Liveness.ONLINE))
+
+    def heartbeat(self) -> None:
+        """Send a heartbeat if connected."""
+        if self.link.connected.is_set():
+            self.link.enqueue(self.topics.presence(self.terminal.code), self._presence(Liveness.ONLINE, heartbeat=True))
+
+    def _on_message(self, topic: str, payload: bytes, retain: bool, properties: Any) -> None:
+        try:
+            cmd = mqtt_codec.decode_command(payload)
+        except CodecError as e:
+            log.warning("simulator.bad_command", terminal=self.terminal.code, error=str(e))
+            return
+        key = (cmd.alert_id, cmd.revision)
+        played_before = self.behaviour.plays[key]
+        steps = self.behaviour.on_command(cmd, retained=retain)
+        if self.behaviour.plays[key] > played_before:
+            log.info("terminal.played", terminal=self.terminal.code, alert_id=cmd.alert_id, revision=cmd.revision)
+        loop = asyncio.get_running_loop()
+        for step in steps:
+            loop.call_later(step.delay_s, self._send, step)
+
+    def _send(self, step: Step) -> None:
+        self.link.enqueue(self.topics.report(self.terminal.code), mqtt_codec.encode_report(step.report))
+
+
+class MqttFleet:
+    """Every simulated MQTT terminal of (part of) a district."""
+
+    def __init__(self, district: District, terminals: Sequence[Terminal], host: str, port: int, *,
+                 plan: FaultPlan, play_time_s: float, heartbeat_interval_s: float, connect_concurrency: int = 50) -> None:
+        self.district = district
+        self.plan = plan
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.connect_concurrency = connect_concurrency
+        session_base = int(time.time() * 1000) % (2**40)
+        self.terminals = [
+            SimTerminal(district, t, host, port, TerminalBehaviour(t.code, play_time_s, plan.of(t.code)),
+                        session_base=session_base)
+            for t in terminals
+        ]
+        self.by_code = {s.terminal.code: s for s in self.terminals}
+        self.started = asyncio.Event()
+
+    def plays(self) -> dict[tuple[str, str, int], int]:
+        """(terminal, alert, revision) -> times played."""
+        return {(s.terminal.code, a, r): n for s in self.terminals for (a, r), n in s.behaviour.plays.items()}
+
+    async def run(self) -> None:
+        """Connect every terminal (a few at a time), keep them alive, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            sem = asyncio.Semaphore(self.connect_concurrency)
+            online = [s for s in self.terminals if s.behaviour.fault is not Fault.OFFLINE]
+            for sim in online:
+                async with sem:
+                    tg.create_task(sim.link.run(), name=f"sim-{sim.terminal.code}")
+                    try:
+                        await asyncio.wait_for(sim.link.connected.wait(), 10)
+                    except TimeoutError:
+                        log.warning("simulator.slow_connect", terminal=sim.terminal.code)
+            log.info("simulator.connected", terminals=len(online), offline=len(self.terminals) - len(online))
+            self.started.set()
+            tg.create_task(self._heartbeats(), name="sim-heartbeats")
+            flappers = [s for s in online if s.behaviour.fault is Fault.FLAP]
+            if flappers:
+                tg.create_task(self._flap(flappers, tg), name="sim-flap")
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            for sim in self.terminals:
+                sim.heartbeat()
+
+    async def _flap(self, flappers: list[SimTerminal], tg: asyncio.TaskGroup) -> None:
+        tasks = {s.terminal.code: t for t in asyncio.all_tasks() for s in flappers if t.get_name() == f"sim-{s.terminal.code}"}
+        while True:
+            await asyncio.sleep(FLAP_INTERVAL_S)
+            for sim in flappers:
+                task = tasks.get(sim.terminal.code)
+                if task is not None:
+                    task.cancel()
+            await asyncio.sleep(FLAP_DOWN_S)
+            for sim in flappers:
+                tasks[sim.terminal.code] = tg.create_task(sim.link.run(), name=f"sim-{sim.terminal.code}")

@@ -1,0 +1,74 @@
+"""`ebcd simulate`: run the simulated terminals of (part of) a district until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from ebcd.alert import parse_target
+from ebcd.config import Config, parse_broker_url
+from ebcd.tiers.district import District
+from ebcd.tiers.terminal import Terminal
+from simulators.faults import plan
+from simulators.mqtt_fleet import MqttFleet
+
+log = structlog.get_logger("ebcd.simulator")
+
+
+def select(district: District, only: Sequence[str]) -> list[Terminal]:
+    """The terminals named by `--only` targets, or all of them."""
+    if not only:
+        return list(district.terminals())
+    resolution = district.resolve([parse_target(t) for t in only])
+    if resolution.unknown:
+        raise ValueError(f"--only names nothing in the district: {', '.join(resolution.unknown)}")
+    return list(resolution.terminals)
+
+
+def run_simulators(
+    config: Config,
+    district: District,
+    *,
+    broker: str | None,
+    only: Sequence[str],
+    faults: str,
+    seed: int,
+    play_time_s: float | None,
+    faults_report: Path | None,
+) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code."""
+    terminals = select(district, only)
+    fault_plan = plan([t.code for t in terminals], faults, seed)
+    if faults_report is not None:
+        faults_report.write_text(json.dumps(fault_plan.summary(), indent=1))
+    for fault, codes in fault_plan.summary().items():
+        log.info("simulator.faults", fault=fault, terminals=len(codes))
+    host, port, _tls = parse_broker_url(broker or config.mqtt.broker)
+    mqtt_terms = [t for t in terminals if t.link == "mqtt"]
+    fleet = MqttFleet(
+        district, mqtt_terms, host, port, plan=fault_plan,
+        play_time_s=config.simulator.play_time_s if play_time_s is None else play_time_s,
+        heartbeat_interval_s=config.simulator.heartbeat_interval_s,
+        connect_concurrency=config.simulator.connect_concurrency,
+    )
+    asyncio.run(_run(fleet))
+    return 0
+
+
+async def _run(fleet: MqttFleet) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(fleet.run(), name="fleet")
+    await stop.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("simulator.stopped", plays=sum(fleet.plays().values()))

@@ -1,0 +1,131 @@
+"""Shared fixtures: a private Mosquitto per test session, the shipped district, a running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ebcd.config import Config, load_config, shipped_config_path
+from ebcd.tiers.district import District
+from ebcd.tiers.loader import load_district
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto broker the tests started themselves."""
+
+    host: str
+    port: int
+    conf: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+        if binary is None:
+            pytest.fail("mosquitto is not installed: `apt-get install mosquitto` (bash .ci/run does it)")
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=self.log.open("ab"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
+            time.sleep(0.05)
+        pytest.fail("mosquitto did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def make_mosquitto(directory: Path, extra: str = "") -> Mosquitto:
+    """Write a private broker config on a free port (not started)."""
+    port = free_port()
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nmax_inflight_messages 0\n" + extra
+    )
+    return Mosquitto("127.0.0.1", port, conf, directory / "mosquitto.log")
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One broker for the whole session, isolated from any broker already running."""
+    broker = make_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of this test alone, which it may stop and start."""
+    broker = make_mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def shipped_config() -> Config:
+    """The shipped config/ebcd.toml."""
+    return load_config(shipped_config_path())
+
+
+@pytest.fixture(scope="session")
+def district(shipped_config: Config) -> District:
+    """The shipped district: 7 towns, 149 villages, 769 terminals."""
+    return load_district(shipped_config)
+
+
+def fast_config(config: Config, **delivery: float) -> Config:
+    """The config with test-friendly timers (short ack timeout and retries)."""
+    values = {"ack_timeout_s": 1.5, "max_attempts": 3, "retry_initial_s": 0.3, "retry_max_s": 1.0,
+              "state_publish_interval_s": 0.1, **delivery}
+    return config.model_copy(update={
+        "delivery": config.delivery.model_copy(update=values),
+        "simulator": config.simulator.model_copy(update={"play_time_s": 0.2, "heartbeat_interval_s": 5.0}),
+    })
+
+
+@pytest.fixture(autouse=True)
+async def _no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running behind it."""
+    yield
+    await asyncio.sleep(0)
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for t in left:
+        t.cancel()
+    assert not left, f"test left tasks running: {[t.get_name() for t in left]}"

@@ -1,0 +1,105 @@
+"""Helpers for tests that run the daemon and the simulators in-process, over a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from ebcd.config import Config
+from ebcd.daemon import Daemon
+from ebcd.tiers.district import District
+from ebcd.tiers.terminal import Terminal
+from simulators.faults import FaultPlan
+from simulators.mqtt_fleet import MqttFleet
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(config: Config, district: District, broker: str, state_dir: Path,
+                         **kwargs: Any) -> AsyncIterator[Daemon]:
+    """A daemon serving until the block ends, connected to the broker."""
+    daemon = Daemon(config, district, state_dir=state_dir, broker=broker, metrics_port=kwargs.pop("metrics_port", -1),
+                    **kwargs)
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 20)
+        await asyncio.wait_for(daemon.link.connected.wait(), 20)
+        yield daemon
+    finally:
+        daemon.stop()
+        try:
+            await asyncio.wait_for(task, 30)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(config: Config, district: District, terminals: Sequence[Terminal], host: str, port: int,
+                        plan: FaultPlan | None = None) -> AsyncIterator[MqttFleet]:
+    """Simulated MQTT terminals, all connected (but the offline ones) when the block starts."""
+    fleet = MqttFleet(district, terminals, host, port, plan=plan or FaultPlan(),
+                      play_time_s=config.simulator.play_time_s,
+                      heartbeat_interval_s=config.simulator.heartbeat_interval_s, connect_concurrency=100)
+    task = asyncio.create_task(fleet.run(), name="fleet")
+    try:
+        await asyncio.wait_for(fleet.started.wait(), 120)
+        yield fleet
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> None:
+    """Wait until predicate() is true; fail with a clear message after timeout_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def wait_online(daemon: Daemon, count: int, timeout_s: float = 60) -> None:
+    """Wait until the daemon has seen `count` terminals' births."""
+    await wait_for(lambda: daemon.engine.liveness_counts()["online"] >= count, timeout_s)
+
+
+async def settle(daemon: Daemon, alert_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    """Wait until the alert leaves `dispatching`; return its state document."""
+    run = daemon.engine.runs[alert_id]
+    await wait_for(lambda: run.state.value != "dispatching", timeout_s)
+    daemon.engine.flush_states()
+    return run.state_doc(daemon.district, daemon.engine.clock())
+
+
+@contextlib.asynccontextmanager
+async def mqtt_client(host: str, port: int, *topics: str) -> AsyncIterator[tuple[aiomqtt.Client, list[tuple[str, Any]]]]:
+    """An observer client collecting every message on `topics` as (topic, JSON) pairs."""
+    seen: list[tuple[str, Any]] = []
+    async with aiomqtt.Client(host, port) as client:
+        for t in topics:
+            await client.subscribe(t, qos=1)
+
+        async def collect() -> None:
+            async for m in client.messages:
+                try:
+                    body = json.loads(m.payload if isinstance(m.payload, bytes | str) else b"")
+                except ValueError:
+                    body = None
+                seen.append((m.topic.value, body))
+
+        task = asyncio.create_task(collect(), name="observer")
+        try:
+            yield client, seen
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
