@@ -27,7 +27,7 @@ TOWNS = [  # (name, villages, own terminals, serial)
 FIRST = "东西南北上下前后新老大小高龙凤双桥河湖山石松柏桃李杨柳"
 SECOND = "岗湾塘庄冲圩店铺港畈坝岭集园洼埠"
 LOUDSPEAKER = "0314"
-SERIAL_PORT_DIR = "/tmp/ebcd-sim"
+SERIAL_PORT_DIR = "/run/ebcd-sim"
 
 
 def main() -> None:
@@ -45,7 +45,11 @@ def main() -> None:
         tlat = CENTER[0] + (0 if ti == 0 else 0.14 * math.sin(angle))
         tlon = CENTER[1] + (0 if ti == 0 else 0.16 * math.cos(angle))
         for k in range(1, nown + 1):
-            terms.append(_terminal(f"5{tarea}{LOUDSPEAKER}0104{k:02d}", f"{tname}{k}号", tcode, tlat, tlon, 0.01, rng, ""))
+            terms.append(
+                _terminal(
+                    f"5{tarea}{LOUDSPEAKER}0104{k:02d}", f"{tname}{k}号", tcode, tlat, tlon, 0.01, rng, ""
+                )
+            )
         for vi in range(1, nvill + 1):
             varea = f"{COUNTY}{100 + ti:03d}{vi:03d}"
             vcode = f"6{varea}{LOUDSPEAKER}010101"
@@ -60,7 +64,13 @@ def main() -> None:
             for k in range(1, count + 1):
                 terms.append(
                     _terminal(
-                        f"6{varea}{LOUDSPEAKER}0104{k:02d}", f"{vname}{k}号", vcode, vlat, vlon, 0.004, rng,
+                        f"6{varea}{LOUDSPEAKER}0104{k:02d}",
+                        f"{vname}{k}号",
+                        vcode,
+                        vlat,
+                        vlon,
+                        0.004,
+                        rng,
                         str(k) if serial else "",
                     )
                 )
@@ -68,10 +78,17 @@ def main() -> None:
     _write(here / "terminals.csv", ["code", "name", "room", "lat", "lon", "bus_address"], terms)
 
 
-def _terminal(code: str, name: str, room: str, lat: float, lon: float, spread: float,
-              rng: random.Random, address: str) -> list[str]:
-    return [code, name, room, f"{lat + rng.uniform(-spread, spread):.6f}",
-            f"{lon + rng.uniform(-spread, spread):.6f}", address]
+def _terminal(
+    code: str, name: str, room: str, lat: float, lon: float, spread: float, rng: random.Random, address: str
+) -> list[str]:
+    return [
+        code,
+        name,
+        room,
+        f"{lat + rng.uniform(-spread, spread):.6f}",
+        f"{lon + rng.uniform(-spread, spread):.6f}",
+        address,
+    ]
 
 
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:

@@ -55,7 +55,7 @@ class RetryPolicy:
 
     ack_timeout_s: float = 5.0
     max_attempts: int = 4
-    backoff: Backoff = Backoff()
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 @dataclass(slots=True)

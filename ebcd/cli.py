@@ -30,9 +30,13 @@ app.add_typer(alert_app, name="alert")
 app.add_typer(topology_app, name="topology")
 app.add_typer(frame_app, name="frame")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="config file (default: the shipped district)")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="config file (default: the shipped district)")
+]
 BrokerOpt = Annotated[str | None, typer.Option("--broker", help="mqtt://HOST:PORT, overrides the config")]
-StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help="journal and control socket (default: config)")]
+StateDirOpt = Annotated[
+    Path | None, typer.Option("--state-dir", help="journal and control socket (default: config)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON only")]
 
 
@@ -95,38 +99,64 @@ def run(
     config: ConfigOpt = None,
     broker: BrokerOpt = None,
     state_dir: StateDirOpt = None,
-    metrics_port: Annotated[int | None, typer.Option(help="0 picks a free port; -1 turns metrics off")] = None,
-    no_journal: Annotated[bool, typer.Option("--no-journal", help="keep nothing on disk (benchmarks only)")] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="0 picks a free port; -1 turns metrics off")
+    ] = None,
+    no_journal: Annotated[
+        bool, typer.Option("--no-journal", help="keep nothing on disk (benchmarks only)")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
-    from ebcd.service import run_daemon  # noqa: PLC0415  (keeps CLI start-up light)
+    from ebcd.service import run_daemon
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
-    raise typer.Exit(run_daemon(cfg, district, broker=broker, state_dir=state_dir, metrics_port=metrics_port,
-                                journal=not no_journal))
+    raise typer.Exit(
+        run_daemon(
+            cfg,
+            district,
+            broker=broker,
+            state_dir=state_dir,
+            metrics_port=metrics_port,
+            journal=not no_journal,
+        )
+    )
 
 
 @app.command()
 def simulate(
     config: ConfigOpt = None,
     broker: BrokerOpt = None,
-    only: Annotated[list[str] | None, typer.Option(help="town:CODE, village:CODE or terminal:CODE (repeatable)")] = None,
-    faults: Annotated[str, typer.Option(help="e.g. offline=5%,slow=2%,refuse=1%,lose_acks=3%,flap=10%")] = "none",
+    only: Annotated[
+        list[str] | None, typer.Option(help="town:CODE, village:CODE or terminal:CODE (repeatable)")
+    ] = None,
+    faults: Annotated[
+        str, typer.Option(help="e.g. offline=5%,slow=2%,refuse=1%,lose_acks=3%,flap=10%")
+    ] = "none",
     seed: Annotated[int, typer.Option(help="which terminals get the faults")] = 0,
     play_time: Annotated[float | None, typer.Option(help="seconds a broadcast plays")] = None,
-    faults_report: Annotated[Path | None, typer.Option(help="write the chosen faulty terminals as JSON")] = None,
+    faults_report: Annotated[
+        Path | None, typer.Option(help="write the chosen faulty terminals as JSON")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
-    from simulators.runner import run_simulators  # noqa: PLC0415
+    from simulators.runner import run_simulators
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
     try:
-        code = run_simulators(cfg, district, broker=broker, only=only or [], faults=faults, seed=seed,
-                              play_time_s=play_time, faults_report=faults_report)
+        code = run_simulators(
+            cfg,
+            district,
+            broker=broker,
+            only=only or [],
+            faults=faults,
+            seed=seed,
+            play_time_s=play_time,
+            faults_report=faults_report,
+        )
     except ValueError as e:
         raise _fail(str(e)) from None
     raise typer.Exit(code)
@@ -140,10 +170,13 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """Zero set-up: broker, daemon, 769 simulated terminals, a district-wide test alert, coverage."""
-    from ebcd.demo import run_demo  # noqa: PLC0415
+    from ebcd.demo import run_demo
 
-    raise typer.Exit(run_demo(config_path=config or shipped_config_path(), broker=broker, faults=faults,
-                              state_dir=state_dir))
+    raise typer.Exit(
+        run_demo(
+            config_path=config or shipped_config_path(), broker=broker, faults=faults, state_dir=state_dir
+        )
+    )
 
 
 # -- alerts ------------------------------------------------------------------------------------
@@ -151,7 +184,9 @@ def demo(
 def alert_send(
     level: Annotated[int, typer.Option(help="1 red, 2 orange, 3 yellow, 4 blue")],
     event: Annotated[str, typer.Option(help="5-character event type, e.g. 11B03")],
-    target: Annotated[list[str], typer.Option(help="all | town:CODE | village:CODE | terminal:CODE (repeatable)")],
+    target: Annotated[
+        list[str], typer.Option(help="all | town:CODE | village:CODE | terminal:CODE (repeatable)")
+    ],
     text: Annotated[str, typer.Option(help="what the loudspeakers say")],
     test: Annotated[bool, typer.Option("--test", help="a test broadcast")] = False,
     ttl: Annotated[float | None, typer.Option(help="time to live, seconds")] = None,
@@ -162,12 +197,18 @@ def alert_send(
     config: ConfigOpt = None,
 ) -> None:
     """Send an alert; print its id (with --wait, follow it and print the coverage)."""
-    from ebcd.alert import AlertRequest, parse_target  # noqa: PLC0415
-    from ebcd.cli_render import follow  # noqa: PLC0415
+    from ebcd.alert import AlertRequest, parse_target
+    from ebcd.cli_render import follow
 
     try:
         targets = [parse_target(t) for t in target]
-        req: dict[str, Any] = {"level": level, "event_type": event, "targets": targets, "text": text, "test": test}
+        req: dict[str, Any] = {
+            "level": level,
+            "event_type": event,
+            "targets": targets,
+            "text": text,
+            "test": test,
+        }
         if ttl is not None:
             req["ttl_s"] = ttl
         if volume is not None:
@@ -190,17 +231,21 @@ def alert_send(
 
 
 def _one_line(e: Exception) -> str:
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'alert'}: {err['msg']}" for err in e.errors())
+        return "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'alert'}: {err['msg']}" for err in e.errors()
+        )
     return str(e)
 
 
 @alert_app.command("status")
-def alert_status(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+def alert_status(
+    alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
+) -> None:
     """Show an alert's state."""
-    from ebcd.cli_render import print_state  # noqa: PLC0415
+    from ebcd.cli_render import print_state
 
     state = _ask(_client(state_dir, config), "status", id=alert_id)["state"]
     if as_json:
@@ -212,7 +257,7 @@ def alert_status(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt
 @alert_app.command("list")
 def alert_list(as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
     """List the alerts the daemon holds."""
-    from ebcd.cli_render import print_alerts  # noqa: PLC0415
+    from ebcd.cli_render import print_alerts
 
     alerts = _ask(_client(state_dir, config), "list")["alerts"]
     if as_json:
@@ -222,7 +267,9 @@ def alert_list(as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: 
 
 
 @alert_app.command("cancel")
-def alert_cancel(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+def alert_cancel(
+    alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
+) -> None:
     """Cancel an alert: every terminal that has it stops."""
     state = _ask(_client(state_dir, config), "cancel", id=alert_id)["state"]
     if as_json:
@@ -232,7 +279,9 @@ def alert_cancel(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt
 
 
 @alert_app.command("approve")
-def alert_approve(alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+def alert_approve(
+    alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
+) -> None:
     """Release an alert that waits for manual review."""
     state = _ask(_client(state_dir, config), "approve", id=alert_id)["state"]
     if as_json:
@@ -250,7 +299,7 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Coverage of an alert per town and village, and the terminals that failed and why."""
-    from ebcd.cli_render import print_report  # noqa: PLC0415
+    from ebcd.cli_render import print_report
 
     answer = _ask(_client(state_dir, config), "report", id=alert_id)
     answer.pop("ok", None)
@@ -259,11 +308,24 @@ def report(
     elif as_csv:
         out = io.StringIO()
         w = csv.writer(out)
-        w.writerow(["town", "village", "name", "targets", "acked", "failed", "uncertain", "pending", "coverage"])
+        w.writerow(
+            ["town", "village", "name", "targets", "acked", "failed", "uncertain", "pending", "coverage"]
+        )
         for town in answer["towns"]:
             for v in town["villages"]:
-                w.writerow([town["code"], v["code"], v["name"], v["targets"], v["acked"], v["failed"],
-                            v["uncertain"], v["pending"], v["coverage"]])
+                w.writerow(
+                    [
+                        town["code"],
+                        v["code"],
+                        v["name"],
+                        v["targets"],
+                        v["acked"],
+                        v["failed"],
+                        v["uncertain"],
+                        v["pending"],
+                        v["coverage"],
+                    ]
+                )
         sys.stdout.write(out.getvalue())
     else:
         print_report(answer)
@@ -278,7 +340,7 @@ def terminals(
     config: ConfigOpt = None,
 ) -> None:
     """Terminals with their liveness state."""
-    from ebcd.cli_render import print_terminals  # noqa: PLC0415
+    from ebcd.cli_render import print_terminals
 
     rows = _ask(_client(state_dir, config), "terminals")["terminals"]
     if state:
@@ -316,16 +378,18 @@ def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @topology_app.command("show")
 def topology_show(config: ConfigOpt = None) -> None:
     """The tree of towns and villages with terminal counts."""
-    from ebcd.cli_render import print_topology  # noqa: PLC0415
+    from ebcd.cli_render import print_topology
 
     _, district = _load(config)
     print_topology(district)
 
 
 @frame_app.command("decode")
-def frame_decode(hex_bytes: Annotated[str, typer.Argument(metavar="HEX", help="bytes as hex, spaces allowed")]) -> None:
+def frame_decode(
+    hex_bytes: Annotated[str, typer.Argument(metavar="HEX", help="bytes as hex, spaces allowed")],
+) -> None:
     """Decode a captured serial frame: fields, addresses, CRC verdict."""
-    from ebcd.protocols import frame  # noqa: PLC0415
+    from ebcd.protocols import frame
 
     cleaned = "".join(hex_bytes.split()).removeprefix("0x")
     try:

@@ -22,7 +22,9 @@ def follow(client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet
     return asyncio.run(_follow(client, alert_id, first, quiet=quiet))
 
 
-async def _follow(client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+async def _follow(
+    client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool
+) -> dict[str, Any]:
     last = first
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -34,14 +36,21 @@ async def _follow(client: ControlClient, alert_id: str, first: dict[str, Any], *
         disable=quiet,
     )
     with progress:
-        task = progress.add_task(alert_id, total=first["targets"], completed=first["acked"],
-                                 uncertain=first["uncertain"], failed=first["failed"])
+        task = progress.add_task(
+            alert_id,
+            total=first["targets"],
+            completed=first["acked"],
+            uncertain=first["uncertain"],
+            failed=first["failed"],
+        )
         try:
             async for answer in client.stream("watch", id=alert_id):
                 if not answer.get("ok"):
                     break
                 last = answer["state"]
-                progress.update(task, completed=last["acked"], uncertain=last["uncertain"], failed=last["failed"])
+                progress.update(
+                    task, completed=last["acked"], uncertain=last["uncertain"], failed=last["failed"]
+                )
         except NoDaemon as e:
             err_console.print(f"ebcd: lost the daemon while following {alert_id}: {e}")
     if not quiet:
@@ -58,10 +67,25 @@ def coverage_table(state: dict[str, Any], names: dict[str, str] | None = None) -
         table.add_column(col, justify="right")
     for code, t in state["towns"].items():
         cov = t["acked"] / t["targets"] if t["targets"] else 1.0
-        table.add_row(code, t.get("name") or (names or {}).get(code, ""), str(t["targets"]), str(t["acked"]),
-                      str(t.get("uncertain", 0)), str(t.get("failed", 0)), f"{cov:.1%}")
-    table.add_row("total", "", str(state["targets"]), str(state["acked"]), str(state["uncertain"]),
-                  str(state["failed"]), f"{state['coverage']:.1%}", style="bold")
+        table.add_row(
+            code,
+            t.get("name") or (names or {}).get(code, ""),
+            str(t["targets"]),
+            str(t["acked"]),
+            str(t.get("uncertain", 0)),
+            str(t.get("failed", 0)),
+            f"{cov:.1%}",
+        )
+    table.add_row(
+        "total",
+        "",
+        str(state["targets"]),
+        str(state["acked"]),
+        str(state["uncertain"]),
+        str(state["failed"]),
+        f"{state['coverage']:.1%}",
+        style="bold",
+    )
     return table
 
 
@@ -76,8 +100,16 @@ def print_alerts(alerts: list[dict[str, Any]]) -> None:
     for col in ("id", "state", "level", "event", "targets", "acked", "coverage", "text"):
         table.add_column(col)
     for a in alerts:
-        table.add_row(a["id"], a["state"], str(a["level"]), a.get("event_type", ""), str(a["targets"]),
-                      str(a["acked"]), f"{a['coverage']:.1%}", (a.get("text") or "")[:40])
+        table.add_row(
+            a["id"],
+            a["state"],
+            str(a["level"]),
+            a.get("event_type", ""),
+            str(a["targets"]),
+            str(a["acked"]),
+            f"{a['coverage']:.1%}",
+            (a.get("text") or "")[:40],
+        )
     console.print(table)
 
 
@@ -88,20 +120,36 @@ def print_report(report: dict[str, Any]) -> None:
     for col in ("town / village", "name", "targets", "acked", "uncertain", "failed", "coverage"):
         table.add_column(col)
     for town in report["towns"]:
-        table.add_row(town["code"], town["name"], str(town["targets"]), str(town["acked"]), str(town["uncertain"]),
-                      str(town["failed"]), f"{town['coverage']:.1%}", style="bold")
+        table.add_row(
+            town["code"],
+            town["name"],
+            str(town["targets"]),
+            str(town["acked"]),
+            str(town["uncertain"]),
+            str(town["failed"]),
+            f"{town['coverage']:.1%}",
+            style="bold",
+        )
         for v in town["villages"]:
             if v["acked"] < v["targets"]:
-                table.add_row("  " + v["code"], v["name"], str(v["targets"]), str(v["acked"]), str(v["uncertain"]),
-                              str(v["failed"]), f"{v['coverage']:.1%}")
+                table.add_row(
+                    "  " + v["code"],
+                    v["name"],
+                    str(v["targets"]),
+                    str(v["acked"]),
+                    str(v["uncertain"]),
+                    str(v["failed"]),
+                    f"{v['coverage']:.1%}",
+                )
     console.print(table)
     if report["problems"]:
         problems = Table(title=f"{len(report['problems'])} terminal(s) without acknowledgement")
         for col in ("terminal", "name", "state", "cause", "attempts", "liveness"):
             problems.add_column(col)
         for p in report["problems"]:
-            problems.add_row(p["terminal"], p["name"], p["state"], p.get("cause") or "", str(p["attempts"]),
-                             p["liveness"])
+            problems.add_row(
+                p["terminal"], p["name"], p["state"], p.get("cause") or "", str(p["attempts"]), p["liveness"]
+            )
         console.print(problems)
 
 

@@ -66,8 +66,7 @@ class ResourceCode:
 
     def __str__(self) -> str:
         return (
-            f"{int(self.level)}{self.area}{self.resource_type}{self.type_seq}"
-            f"{self.subtype}{self.subtype_seq}"
+            f"{int(self.level)}{self.area}{self.resource_type}{self.type_seq}{self.subtype}{self.subtype_seq}"
         )
 
 

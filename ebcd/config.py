@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -159,5 +158,3 @@ def shipped_config_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("the shipped config/ebcd.toml is not installed with ebcd")
-
-

@@ -69,8 +69,7 @@ def peer_of(writer: asyncio.StreamWriter) -> Peer:
 
 async def serve(path: Path, handler: Handler, mode: int = 0o660) -> asyncio.Server:
     """Listen on `path`, replacing a stale socket file, and answer requests with `handler`."""
-    if path.exists() or path.is_symlink():
-        path.unlink()
+    _remove_stale(path)
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer)
@@ -87,6 +86,11 @@ async def serve(path: Path, handler: Handler, mode: int = 0o660) -> asyncio.Serv
     server = await asyncio.start_unix_server(on_client, path=str(path), limit=MAX_REQUEST_BYTES)
     os.chmod(path, mode)
     return server
+
+
+def _remove_stale(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
 
 
 async def _answer(line: bytes, peer: Peer, handler: Handler, writer: asyncio.StreamWriter) -> None:
@@ -134,7 +138,10 @@ class ControlClient:
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_REQUEST_BYTES)
         except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NoDaemon(f"no daemon on {self.path} ({e.strerror}): is ebcd running? (ebcd run, or systemctl status ebcd)") from None
+            raise NoDaemon(
+                f"no daemon on {self.path} ({e.strerror}): is ebcd running? "
+                "(ebcd run, or systemctl status ebcd)"
+            ) from None
         except PermissionError:
             raise NoDaemon(f"no permission to use {self.path}: are you in the ebcd group?") from None
         try:

@@ -101,8 +101,16 @@ class Daemon:
         dc = config.delivery
         self.engine = Engine(
             district=district,
-            policy=RetryPolicy(dc.ack_timeout_s, dc.max_attempts, Backoff(dc.retry_initial_s, dc.retry_max_s, dc.retry_jitter)),
-            transports={"mqtt": MqttTransport(district, self.topics, self.link, self.metrics, groups=config.mqtt.group_topics)},
+            policy=RetryPolicy(
+                dc.ack_timeout_s,
+                dc.max_attempts,
+                Backoff(dc.retry_initial_s, dc.retry_max_s, dc.retry_jitter),
+            ),
+            transports={
+                "mqtt": MqttTransport(
+                    district, self.topics, self.link, self.metrics, groups=config.mqtt.group_topics
+                )
+            },
             metrics=self.metrics,
             publish_state=self._publish_state,
             record_transition=self._record_transition,
@@ -125,10 +133,19 @@ class Daemon:
         server = await serve(self.state_dir / SOCKET_NAME, self._handle, self.config.daemon.socket_mode)
         http = None
         if self.metrics_port >= 0:
-            http, _ = start_http_server(self.metrics_port, self.config.daemon.metrics_host, self.metrics.registry)
+            http, _ = start_http_server(
+                self.metrics_port, self.config.daemon.metrics_host, self.metrics.registry
+            )
             self.bound_metrics_port = int(http.server_port)
-        log.info("daemon.started", version=__version__, district=self.district.code, terminals=len(self.district),
-                 broker=self.broker, state_dir=str(self.state_dir), metrics_port=self.bound_metrics_port)
+        log.info(
+            "daemon.started",
+            version=__version__,
+            district=self.district.code,
+            terminals=len(self.district),
+            broker=self.broker,
+            state_dir=str(self.state_dir),
+            metrics_port=self.bound_metrics_port,
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="mqtt-link")
@@ -186,8 +203,8 @@ class Daemon:
                 log.error("journal.save_failed", alert_id=alert_id, error=str(e))
 
     async def _flush_outgoing(self) -> None:
-        while self.link.queue_depth and self.link.connected.is_set():
-            await asyncio.sleep(0.05)
+        if self.link.connected.is_set():
+            await self.link.drain()
 
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self) -> None:
@@ -212,17 +229,29 @@ class Daemon:
                     d.acked_at = 0.0
                 deliveries[code] = d
             run = self.engine.accept(
-                request, [], alert_id=doc["id"], ebmid=doc["ebmid"], deliveries=deliveries,
-                expires_in_s=max(0.0, remaining), accepted_at=doc["accepted_at"], revision=doc.get("revision", 1),
+                request,
+                [],
+                alert_id=doc["id"],
+                ebmid=doc["ebmid"],
+                deliveries=deliveries,
+                expires_in_s=max(0.0, remaining),
+                accepted_at=doc["accepted_at"],
+                revision=doc.get("revision", 1),
                 hold=doc.get("state") == AlertState.PENDING_APPROVAL.value,
             )
-            log.info("alert.recovered", alert_id=run.id, acked=run.counts["acked"], targets=len(deliveries),
-                     remaining_s=round(remaining, 1))
+            log.info(
+                "alert.recovered",
+                alert_id=run.id,
+                acked=run.counts["acked"],
+                targets=len(deliveries),
+                remaining_s=round(remaining, 1),
+            )
 
     # -- MQTT ------------------------------------------------------------------------------
     def _status_doc(self, state: str) -> bytes:
-        return json.dumps({"state": state, "version": __version__, "district": self.district.code,
-                           "at": time.time()}).encode()
+        return json.dumps(
+            {"state": state, "version": __version__, "district": self.district.code, "at": time.time()}
+        ).encode()
 
     async def _on_connect(self) -> None:
         self.metrics.mqtt_connects.inc()
@@ -238,7 +267,10 @@ class Daemon:
                 self._ingest.put_nowait((topic, payload, properties))
             except asyncio.QueueFull:
                 self.metrics.dropped.labels("ingest_queue").inc()
-                self._reject(payload, IngestError(Reason.UNSUPPORTED, "ingest queue full: ebcd is overloaded, send again"))
+                self._reject(
+                    payload,
+                    IngestError(Reason.UNSUPPORTED, "ingest queue full: ebcd is overloaded, send again"),
+                )
             return
         terminal = self.topics.terminal_of(topic)
         if terminal is None:
@@ -254,17 +286,25 @@ class Daemon:
             log.warning("terminal.malformed_message", terminal=terminal, topic=topic, error=str(e))
 
     def _publish_state(self, run: AlertRun, doc: dict[str, Any]) -> None:
-        self.link.enqueue(self.topics.alert_state(run.id), json.dumps(doc, ensure_ascii=False).encode(), retain=True)
+        self.link.enqueue(
+            self.topics.alert_state(run.id), json.dumps(doc, ensure_ascii=False).encode(), retain=True
+        )
         self._docs_dirty[run.id] = self._alert_doc(run)
 
-    def _record_transition(self, alert_id: str, terminal: str, state: str, detail: str | None, at: float) -> None:
+    def _record_transition(
+        self, alert_id: str, terminal: str, state: str, detail: str | None, at: float
+    ) -> None:
         if self._journal is not None:
             self._journal.record_transition(alert_id, terminal, state, detail, time.time())
 
     def _reject(self, payload: bytes, err: IngestError) -> None:
         self.metrics.rejected.labels(err.reason.value).inc()
-        doc = {"reason": err.reason.value, "detail": err.detail, "identifier": err.identifier,
-               "sha256": hashlib.sha256(payload).hexdigest()}
+        doc = {
+            "reason": err.reason.value,
+            "detail": err.detail,
+            "identifier": err.identifier,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
         self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
         log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)
 
@@ -287,17 +327,23 @@ class Daemon:
             run = await self.submit(request, source="mqtt", actor=request.sender or "upstream")
         except IngestError as e:
             self._reject(payload, e)
-            await self._journal.mark_received(row, outcome="rejected", detail=f"{e.reason.value}: {e.detail}", alert_id=None)
+            await self._journal.mark_received(
+                row, outcome="rejected", detail=f"{e.reason.value}: {e.detail}", alert_id=None
+            )
             return
-        await self._journal.mark_received(row, outcome="accepted", detail=request.msg_type.value, alert_id=run.id)
+        await self._journal.mark_received(
+            row, outcome="accepted", detail=request.msg_type.value, alert_id=run.id
+        )
 
     def parse_upstream(self, payload: bytes) -> AlertRequest:
         """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError."""
         head = payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
         if head.startswith(b"<"):
-            from ebcd.ingest.cap import parse_cap  # noqa: PLC0415  (optional until CAP ships)
+            from ebcd.ingest.cap import parse_cap
 
-            return parse_cap(payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s).request
+            return parse_cap(
+                payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s
+            ).request
         return parse_json_alert(payload)
 
     async def submit(self, request: AlertRequest, *, source: str, actor: str) -> AlertRun:
@@ -308,25 +354,36 @@ class Daemon:
             raise IngestError(Reason.UNSUPPORTED, "updates are not supported yet", request.identifier)
         key = (request.sender, request.identifier) if request.sender and request.identifier else None
         if key and key in self._dedupe:
-            raise IngestError(Reason.DUPLICATE, f"already accepted as alert {self._dedupe[key]}", request.identifier)
+            raise IngestError(
+                Reason.DUPLICATE, f"already accepted as alert {self._dedupe[key]}", request.identifier
+            )
         resolution = self.district.resolve(request.targets)
         if resolution.unknown:
-            raise IngestError(Reason.UNKNOWN_TARGET, f"target(s) not in the district: {', '.join(resolution.unknown)}",
-                              request.identifier)
+            raise IngestError(
+                Reason.UNKNOWN_TARGET,
+                f"target(s) not in the district: {', '.join(resolution.unknown)}",
+                request.identifier,
+            )
         if not resolution.terminals:
-            raise IngestError(Reason.NO_TARGET_IN_DISTRICT, "the targets select no terminal of the district",
-                              request.identifier)
+            raise IngestError(
+                Reason.NO_TARGET_IN_DISTRICT,
+                "the targets select no terminal of the district",
+                request.identifier,
+            )
         alert_id, ebmid = self._next_id()
         now_wall = time.time()
-        run = self.engine.accept(request, resolution.terminals, alert_id=alert_id, ebmid=ebmid, hold=True,
-                                 accepted_at=now_wall)
+        run = self.engine.accept(
+            request, resolution.terminals, alert_id=alert_id, ebmid=ebmid, hold=True, accepted_at=now_wall
+        )
         try:
             assert self._journal is not None  # noqa: S101
             run.source, run.actor = source, actor
             await self._journal.save_alert(alert_id, self._alert_doc(run), dedupe_key=key)
         except JournalError as e:
             del self.engine.runs[alert_id]
-            raise IngestError(Reason.JOURNAL, f"could not journal the alert: {e}", request.identifier) from None
+            raise IngestError(
+                Reason.JOURNAL, f"could not journal the alert: {e}", request.identifier
+            ) from None
         if key:
             self._dedupe[key] = alert_id
         self.engine.approve(alert_id)
@@ -339,10 +396,15 @@ class Daemon:
             if alert_id is not None:
                 run = self.engine.cancel(alert_id, f"cancelled by {actor}")
                 if run is None:
-                    raise IngestError(Reason.UNKNOWN_REFERENCE, f"alert {alert_id} has already ended", request.identifier)
+                    raise IngestError(
+                        Reason.UNKNOWN_REFERENCE, f"alert {alert_id} has already ended", request.identifier
+                    )
                 return run
-        raise IngestError(Reason.UNKNOWN_REFERENCE, f"no active alert matches references {request.references}",
-                          request.identifier)
+        raise IngestError(
+            Reason.UNKNOWN_REFERENCE,
+            f"no active alert matches references {request.references}",
+            request.identifier,
+        )
 
     def _resolve_reference(self, ref: str) -> str | None:
         if ref in self.engine.runs:
@@ -353,17 +415,25 @@ class Daemon:
         return None
 
     def _next_id(self) -> tuple[str, str]:
-        day = datetime.now().strftime("%Y%m%d")  # noqa: DTZ005  (ids follow the platform's local day)
+        day = datetime.now().strftime("%Y%m%d")
         seq = self._seq.get(day, 0) + 1
         self._seq[day] = seq
         return f"{day}-{seq:04d}", make_ebmid(self.district.code, day, seq % 10_000)
 
     def _alert_doc(self, run: AlertRun) -> dict[str, Any]:
         return {
-            "id": run.id, "ebmid": run.ebmid, "revision": run.revision, "state": run.state.value,
-            "request": run.request.model_dump(mode="json"), "accepted_at": run.accepted_at,
-            "expires_at": run.accepted_at + (run.expires - run.started), "final": not run.active,
-            "counts": dict(run.counts), "source": run.source, "actor": run.actor, "reason": run.reason,
+            "id": run.id,
+            "ebmid": run.ebmid,
+            "revision": run.revision,
+            "state": run.state.value,
+            "request": run.request.model_dump(mode="json"),
+            "accepted_at": run.accepted_at,
+            "expires_at": run.accepted_at + (run.expires - run.started),
+            "final": not run.active,
+            "counts": dict(run.counts),
+            "source": run.source,
+            "actor": run.actor,
+            "reason": run.reason,
         }
 
     # -- liveness --------------------------------------------------------------------------
@@ -382,7 +452,9 @@ class Daemon:
             self.metrics.queue_depth.labels("mqtt_outgoing").set(self.link.queue_depth)
 
     # -- control socket --------------------------------------------------------------------
-    async def _handle(self, req: dict[str, Any], peer: Peer) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+    async def _handle(
+        self, req: dict[str, Any], peer: Peer
+    ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         op = req["op"]
         if op in ("send", "cancel", "approve"):
             log.info("control.command", op=op, user=peer.user, uid=peer.uid, pid=peer.pid)
@@ -413,7 +485,9 @@ class Daemon:
         if op == "approve":
             run = self._run(req)
             if self.engine.approve(run.id) is None:
-                raise ControlError("not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})")
+                raise ControlError(
+                    "not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})"
+                )
             return {"state": run.state_doc(self.district, self.engine.clock())}
         if op == "watch":
             return self._watch(self._run(req))
@@ -450,24 +524,48 @@ class Daemon:
             tt = town.tally(buckets)
             if not tt.targets:
                 continue
-            villages = [{"code": code, "name": town.villages[code].name, **t.as_dict()}
-                        for code, t in town.village_tallies(buckets).items()]
+            villages = [
+                {"code": code, "name": town.villages[code].name, **t.as_dict()}
+                for code, t in town.village_tallies(buckets).items()
+            ]
             towns.append({"code": town.code, "name": town.name, **tt.as_dict(), "villages": villages})
         problems = []
         for code, d in run.deliveries.items():
             if d.state is not DState.ACKNOWLEDGED:
                 term = self.district.terminal(code)
-                problems.append({"terminal": code, "name": term.name if term else "", "state": d.state.value,
-                                 "cause": d.cause, "attempts": d.attempts,
-                                 "liveness": self.engine.liveness[code].state if code in self.engine.liveness else "unknown"})
-        return {"state": run.state_doc(self.district, self.engine.clock()), "towns": towns, "problems": problems}
+                problems.append(
+                    {
+                        "terminal": code,
+                        "name": term.name if term else "",
+                        "state": d.state.value,
+                        "cause": d.cause,
+                        "attempts": d.attempts,
+                        "liveness": self.engine.liveness[code].state
+                        if code in self.engine.liveness
+                        else "unknown",
+                    }
+                )
+        return {
+            "state": run.state_doc(self.district, self.engine.clock()),
+            "towns": towns,
+            "problems": problems,
+        }
 
     def _terminals(self) -> list[dict[str, Any]]:
         out = []
         for t in self.district.terminals():
             live = self.engine.liveness[t.code]
-            out.append({"code": t.code, "name": t.name, "town": t.town, "village": t.village, "link": t.link,
-                        "state": live.state, "session": live.session})
+            out.append(
+                {
+                    "code": t.code,
+                    "name": t.name,
+                    "town": t.town,
+                    "village": t.village,
+                    "link": t.link,
+                    "state": live.state,
+                    "session": live.session,
+                }
+            )
         return out
 
 

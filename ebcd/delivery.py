@@ -82,7 +82,7 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        base = min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1))
+        base: float = min(self.max_s, self.initial_s * 2.0 ** max(0, attempt - 1))
         return base * (1 + rng.uniform(-self.jitter, self.jitter))
 
 

@@ -43,8 +43,10 @@ def run_demo(*, config_path: Path, broker: str | None, faults: str, state_dir: P
     district = load_district(config)
     work = state_dir or Path(tempfile.mkdtemp(prefix="ebcd-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]ebcd demo[/]: {config.district.name}, {len(district.towns)} towns, "
-                  f"{sum(len(t.villages) for t in district.towns.values())} villages, {len(district)} terminals")
+    console.print(
+        f"[bold]ebcd demo[/]: {config.district.name}, {len(district.towns)} towns, "
+        f"{sum(len(t.villages) for t in district.towns.values())} villages, {len(district)} terminals"
+    )
     console.print(f"logs and journal in {work}")
     return asyncio.run(_demo(config_path, broker, faults, work, len(district)))
 
@@ -59,17 +61,54 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
     procs: list[subprocess.Popen[bytes]] = []
     try:
         base = [sys.executable, "-m", "ebcd"]
-        procs.append(_spawn([*base, "simulate", "-c", str(config_path), "--broker", broker, "--faults", faults,
-                             "--play-time", "0.5"], work / "simulate.log"))
-        procs.append(_spawn([*base, "run", "-c", str(config_path), "--broker", broker, "--state-dir", str(work),
-                             "--metrics-port", "0"], work / "daemon.log"))
+        procs.append(
+            _spawn(
+                [
+                    *base,
+                    "simulate",
+                    "-c",
+                    str(config_path),
+                    "--broker",
+                    broker,
+                    "--faults",
+                    faults,
+                    "--play-time",
+                    "0.5",
+                ],
+                work / "simulate.log",
+            )
+        )
+        procs.append(
+            _spawn(
+                [
+                    *base,
+                    "run",
+                    "-c",
+                    str(config_path),
+                    "--broker",
+                    broker,
+                    "--state-dir",
+                    str(work),
+                    "--metrics-port",
+                    "0",
+                ],
+                work / "daemon.log",
+            )
+        )
         client = ControlClient(work / SOCKET_NAME)
         online = await _wait_online(client, terminals, procs)
         console.print(f"{online} of {terminals} terminals online; sending a district-wide test alert")
-        answer = await client.request("send", alert={
-            "level": 4, "event_type": "00000", "targets": [{"kind": "all"}], "text": TEST_TEXT, "test": True,
-            "ttl_s": 600,
-        })
+        answer = await client.request(
+            "send",
+            alert={
+                "level": 4,
+                "event_type": "00000",
+                "targets": [{"kind": "all"}],
+                "text": TEST_TEXT,
+                "test": True,
+                "ttl_s": 600,
+            },
+        )
         if not answer.get("ok"):
             console.print(f"[red]the daemon refused the test alert: {answer.get('message')}")
             return 2
@@ -81,8 +120,10 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
         if report.get("problems"):
             print_report(report)
         missed_online = [p for p in report.get("problems", []) if p["liveness"] == "online"]
-        console.print(f"{final['acked']} of {final['targets']} terminals acknowledged in {took:.2f} s; "
-                      f"{len(report.get('problems', []))} without acknowledgement, {len(missed_online)} of them online")
+        console.print(
+            f"{final['acked']} of {final['targets']} terminals acknowledged in {took:.2f} s; "
+            f"{len(report.get('problems', []))} without acknowledgement, {len(missed_online)} of them online"
+        )
         return 0 if final["state"] == "completed" or (final["acked"] and not missed_online) else 3
     finally:
         for p in procs:
@@ -110,7 +151,8 @@ async def _wait_online(client: ControlClient, expected: int, procs: list[subproc
         while time.monotonic() < deadline:
             for p in procs:
                 if p.poll() is not None:
-                    raise SystemExit(f"ebcd demo: {' '.join(p.args[3:5])} exited with {p.returncode}; see its log")  # type: ignore[index]
+                    what = " ".join(str(a) for a in p.args[3:5])  # type: ignore[index]
+                    raise SystemExit(f"ebcd demo: {what} exited with {p.returncode}; see its log")
             with contextlib.suppress(NoDaemon, OSError):
                 answer = await client.request("terminals")
                 online = sum(1 for t in answer.get("terminals", []) if t["state"] == "online")
@@ -124,15 +166,17 @@ async def _wait_online(client: ControlClient, expected: int, procs: list[subproc
 
 
 async def _start_broker(port: int) -> Any:
-    import logging  # noqa: PLC0415
+    import logging
 
-    from amqtt.broker import Broker  # noqa: PLC0415
+    from amqtt.broker import Broker
 
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    broker = Broker({
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "max_connections": 5000}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    })
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "max_connections": 5000}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+    )
     await broker.start()
     return broker

@@ -8,6 +8,7 @@ coalesces state updates so hundreds of acks make a few publishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,8 +111,14 @@ class Engine:
         run.settle(now)
         self._mark(run)
         self._poke.set()
-        log.info("alert.accepted", alert_id=alert_id, targets=len(run.deliveries), level=request.level,
-                 event_type=request.event_type, state=run.state.value)
+        log.info(
+            "alert.accepted",
+            alert_id=alert_id,
+            targets=len(run.deliveries),
+            level=request.level,
+            event_type=request.event_type,
+            state=run.state.value,
+        )
         return run
 
     def approve(self, alert_id: str) -> AlertRun | None:
@@ -223,10 +230,8 @@ class Engine:
                     wake = min(wake, run.expires)
             self._poke.clear()
             timeout = max(0.0, wake - self.clock())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _step(self, run: AlertRun, now: float) -> None:
         if now >= run.expires:
@@ -257,9 +262,17 @@ class Engine:
     def _play(self, run: AlertRun, now: float) -> PlayCommand:
         r = run.request
         return PlayCommand(
-            alert_id=run.id, ebmid=run.ebmid, revision=run.revision, seq=self._next_seq(), level=r.level,
-            event_type=r.event_type, text=r.text, ttl_s=max(0.0, run.expires - now), volume=r.volume,
-            test=r.test, issued_at=time.time(),
+            alert_id=run.id,
+            ebmid=run.ebmid,
+            revision=run.revision,
+            seq=self._next_seq(),
+            level=r.level,
+            event_type=r.event_type,
+            text=r.text,
+            ttl_s=max(0.0, run.expires - now),
+            volume=r.volume,
+            test=r.test,
+            issued_at=time.time(),
         )
 
     def _stop(self, run: AlertRun, why: str) -> StopCommand:

@@ -26,9 +26,7 @@ def event_types() -> dict[str, EventType]:
     """All event types by code, read once from the packaged table."""
     text = resources.files("ebcd").joinpath("data/event_types.tsv").read_text(encoding="utf-8")
     rows = csv.DictReader(text.splitlines(), delimiter="\t")
-    return {
-        r["code"]: EventType(r["code"], r["name"], r["is_leaf"] == "1", r["parent"]) for r in rows
-    }
+    return {r["code"]: EventType(r["code"], r["name"], r["is_leaf"] == "1", r["parent"]) for r in rows}
 
 
 def lookup(code: str) -> EventType | None:

@@ -56,7 +56,10 @@ class Metrics:
             "ebcd_unexpected_messages", "Terminal messages that matched nothing", ["kind"], registry=r
         )
         self.journal_latency = Histogram(
-            "ebcd_journal_commit_seconds", "Journal transaction latency", buckets=JOURNAL_BUCKETS_S, registry=r
+            "ebcd_journal_commit_seconds",
+            "Journal transaction latency",
+            buckets=JOURNAL_BUCKETS_S,
+            registry=r,
         )
         self.missed_tests = Gauge(
             "ebcd_test_broadcast_missed_terminals",

@@ -30,10 +30,15 @@ def run_daemon(
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except PermissionError:
-        log.error("daemon.state_dir_not_writable", state_dir=str(directory),
-                  hint="run as the ebcd user, or pass --state-dir DIR")
+        log.error(
+            "daemon.state_dir_not_writable",
+            state_dir=str(directory),
+            hint="run as the ebcd user, or pass --state-dir DIR",
+        )
         return 1
-    daemon = Daemon(config, district, state_dir=directory, broker=broker, metrics_port=metrics_port, journal=journal)
+    daemon = Daemon(
+        config, district, state_dir=directory, broker=broker, metrics_port=metrics_port, journal=journal
+    )
     try:
         asyncio.run(_serve(daemon))
     except Exception:

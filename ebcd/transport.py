@@ -28,7 +28,9 @@ class MqttTransport:
 
     name = "mqtt"
 
-    def __init__(self, district: District, topics: Topics, link: MqttLink, metrics: Metrics, *, groups: bool) -> None:
+    def __init__(
+        self, district: District, topics: Topics, link: MqttLink, metrics: Metrics, *, groups: bool
+    ) -> None:
         self._district = district
         self._topics = topics
         self._link = link

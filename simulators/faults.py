@@ -64,7 +64,9 @@ def parse_profile(spec: str) -> dict[Fault, float]:
             fault = Fault(name.strip())
         except ValueError:
             known = ", ".join(f.value for f in Fault)
-            raise FaultSpecError(f"unknown fault {name!r} (known: {known}; profiles: {', '.join(NAMED_PROFILES)})") from None
+            raise FaultSpecError(
+                f"unknown fault {name!r} (known: {known}; profiles: {', '.join(NAMED_PROFILES)})"
+            ) from None
         if not sep:
             raise FaultSpecError(f"fault {name!r} needs a share, e.g. {name}=5%")
         try:

@@ -28,8 +28,16 @@ FLAP_DOWN_S = 1.5
 class SimTerminal:
     """One simulated terminal on its own MQTT connection."""
 
-    def __init__(self, district: District, terminal: Terminal, host: str, port: int, behaviour: TerminalBehaviour,
-                 *, session_base: int) -> None:
+    def __init__(
+        self,
+        district: District,
+        terminal: Terminal,
+        host: str,
+        port: int,
+        behaviour: TerminalBehaviour,
+        *,
+        session_base: int,
+    ) -> None:
         self.terminal = terminal
         self.behaviour = behaviour
         self.topics = Topics(district.code)
@@ -37,14 +45,25 @@ class SimTerminal:
         subs = [self.topics.terminal_cmd(terminal.code)]
         subs += [self.topics.group_cmd(room) for room in group_topics_of(district, terminal)]
         self.link = MqttLink(
-            host=host, port=port, client_id=f"sim-{terminal.code}", subscriptions=subs,
-            on_message=self._on_message, on_connect=self._on_connect, will=self._will,
-            keepalive_s=30, publish_workers=2, queue_size=1000, quiet=True,
-            reconnect_initial_s=0.5, reconnect_max_s=10.0,
+            host=host,
+            port=port,
+            client_id=f"sim-{terminal.code}",
+            subscriptions=subs,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=self._will,
+            keepalive_s=30,
+            publish_workers=2,
+            queue_size=1000,
+            quiet=True,
+            reconnect_initial_s=0.5,
+            reconnect_max_s=10.0,
         )
 
     def _presence(self, state: Liveness, *, heartbeat: bool = False) -> bytes:
-        return mqtt_codec.encode_presence(TerminalPresence(self.terminal.code, state, self.session, heartbeat))
+        return mqtt_codec.encode_presence(
+            TerminalPresence(self.terminal.code, state, self.session, heartbeat)
+        )
 
     def _will(self) -> Will:
         self.session += 1  # every connection is a new session; its will carries its number
@@ -56,7 +75,9 @@ class SimTerminal:
     def heartbeat(self) -> None:
         """Send a heartbeat if connected."""
         if self.link.connected.is_set():
-            self.link.enqueue(self.topics.presence(self.terminal.code), self._presence(Liveness.ONLINE, heartbeat=True))
+            self.link.enqueue(
+                self.topics.presence(self.terminal.code), self._presence(Liveness.ONLINE, heartbeat=True)
+            )
 
     def _on_message(self, topic: str, payload: bytes, retain: bool, properties: Any) -> None:
         try:
@@ -68,7 +89,9 @@ class SimTerminal:
         played_before = self.behaviour.plays[key]
         steps = self.behaviour.on_command(cmd, retained=retain)
         if self.behaviour.plays[key] > played_before:
-            log.info("terminal.played", terminal=self.terminal.code, alert_id=cmd.alert_id, revision=cmd.revision)
+            log.info(
+                "terminal.played", terminal=self.terminal.code, alert_id=cmd.alert_id, revision=cmd.revision
+            )
         loop = asyncio.get_running_loop()
         for step in steps:
             loop.call_later(step.delay_s, self._send, step)
@@ -80,16 +103,32 @@ class SimTerminal:
 class MqttFleet:
     """Every simulated MQTT terminal of (part of) a district."""
 
-    def __init__(self, district: District, terminals: Sequence[Terminal], host: str, port: int, *,
-                 plan: FaultPlan, play_time_s: float, heartbeat_interval_s: float, connect_concurrency: int = 50) -> None:
+    def __init__(
+        self,
+        district: District,
+        terminals: Sequence[Terminal],
+        host: str,
+        port: int,
+        *,
+        plan: FaultPlan,
+        play_time_s: float,
+        heartbeat_interval_s: float,
+        connect_concurrency: int = 50,
+    ) -> None:
         self.district = district
         self.plan = plan
         self.heartbeat_interval_s = heartbeat_interval_s
         self.connect_concurrency = connect_concurrency
         session_base = int(time.time() * 1000) % (2**40)
         self.terminals = [
-            SimTerminal(district, t, host, port, TerminalBehaviour(t.code, play_time_s, plan.of(t.code)),
-                        session_base=session_base)
+            SimTerminal(
+                district,
+                t,
+                host,
+                port,
+                TerminalBehaviour(t.code, play_time_s, plan.of(t.code)),
+                session_base=session_base,
+            )
             for t in terminals
         ]
         self.by_code = {s.terminal.code: s for s in self.terminals}
@@ -125,7 +164,12 @@ class MqttFleet:
                 sim.heartbeat()
 
     async def _flap(self, flappers: list[SimTerminal], tg: asyncio.TaskGroup) -> None:
-        tasks = {s.terminal.code: t for t in asyncio.all_tasks() for s in flappers if t.get_name() == f"sim-{s.terminal.code}"}
+        tasks = {
+            s.terminal.code: t
+            for t in asyncio.all_tasks()
+            for s in flappers
+            if t.get_name() == f"sim-{s.terminal.code}"
+        }
         while True:
             await asyncio.sleep(FLAP_INTERVAL_S)
             for sim in flappers:

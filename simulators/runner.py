@@ -52,7 +52,11 @@ def run_simulators(
     host, port, _tls = parse_broker_url(broker or config.mqtt.broker)
     mqtt_terms = [t for t in terminals if t.link == "mqtt"]
     fleet = MqttFleet(
-        district, mqtt_terms, host, port, plan=fault_plan,
+        district,
+        mqtt_terms,
+        host,
+        port,
+        plan=fault_plan,
         play_time_s=config.simulator.play_time_s if play_time_s is None else play_time_s,
         heartbeat_interval_s=config.simulator.heartbeat_interval_s,
         connect_concurrency=config.simulator.connect_concurrency,

@@ -48,10 +48,17 @@ class TerminalBehaviour:
         self.copies[key] += 1
         if retained:
             self.refused.append((cmd.alert_id, "retained command"))
-            return [Step(0.0, self._report(cmd.alert_id, cmd.revision, AckStatus.REFUSED, cmd.seq, "retained command"))]
+            return [
+                Step(
+                    0.0,
+                    self._report(cmd.alert_id, cmd.revision, AckStatus.REFUSED, cmd.seq, "retained command"),
+                )
+            ]
         if self.fault is Fault.REFUSE:
             self.refused.append((cmd.alert_id, REFUSE_CAUSE))
-            return [Step(0.0, self._report(cmd.alert_id, cmd.revision, AckStatus.REFUSED, cmd.seq, REFUSE_CAUSE))]
+            return [
+                Step(0.0, self._report(cmd.alert_id, cmd.revision, AckStatus.REFUSED, cmd.seq, REFUSE_CAUSE))
+            ]
         if self.fault is Fault.LOSE_ACKS and self.copies[key] == 1:
             self._play(cmd)
             return []
@@ -71,5 +78,7 @@ class TerminalBehaviour:
         if not self.plays[key]:
             self.plays[key] += 1
 
-    def _report(self, alert: str, rev: int, status: AckStatus, seq: int, cause: str | None = None) -> TerminalReport:
+    def _report(
+        self, alert: str, rev: int, status: AckStatus, seq: int, cause: str | None = None
+    ) -> TerminalReport:
         return TerminalReport(self.code, alert, rev, status, cause, seq)

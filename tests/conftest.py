@@ -46,8 +46,9 @@ class Mosquitto:
         binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
         if binary is None:
             pytest.fail("mosquitto is not installed: `apt-get install mosquitto` (bash .ci/run does it)")
-        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
@@ -111,12 +112,22 @@ def district(shipped_config: Config) -> District:
 
 def fast_config(config: Config, **delivery: float) -> Config:
     """The config with test-friendly timers (short ack timeout and retries)."""
-    values = {"ack_timeout_s": 1.5, "max_attempts": 3, "retry_initial_s": 0.3, "retry_max_s": 1.0,
-              "state_publish_interval_s": 0.1, **delivery}
-    return config.model_copy(update={
-        "delivery": config.delivery.model_copy(update=values),
-        "simulator": config.simulator.model_copy(update={"play_time_s": 0.2, "heartbeat_interval_s": 5.0}),
-    })
+    values = {
+        "ack_timeout_s": 1.5,
+        "max_attempts": 3,
+        "retry_initial_s": 0.3,
+        "retry_max_s": 1.0,
+        "state_publish_interval_s": 0.1,
+        **delivery,
+    }
+    return config.model_copy(
+        update={
+            "delivery": config.delivery.model_copy(update=values),
+            "simulator": config.simulator.model_copy(
+                update={"play_time_s": 0.2, "heartbeat_interval_s": 5.0}
+            ),
+        }
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -20,11 +20,18 @@ from simulators.mqtt_fleet import MqttFleet
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(config: Config, district: District, broker: str, state_dir: Path,
-                         **kwargs: Any) -> AsyncIterator[Daemon]:
+async def running_daemon(
+    config: Config, district: District, broker: str, state_dir: Path, **kwargs: Any
+) -> AsyncIterator[Daemon]:
     """A daemon serving until the block ends, connected to the broker."""
-    daemon = Daemon(config, district, state_dir=state_dir, broker=broker, metrics_port=kwargs.pop("metrics_port", -1),
-                    **kwargs)
+    daemon = Daemon(
+        config,
+        district,
+        state_dir=state_dir,
+        broker=broker,
+        metrics_port=kwargs.pop("metrics_port", -1),
+        **kwargs,
+    )
     task = asyncio.create_task(daemon.run(), name="daemon")
     try:
         await asyncio.wait_for(daemon.ready.wait(), 20)
@@ -41,12 +48,25 @@ async def running_daemon(config: Config, district: District, broker: str, state_
 
 
 @contextlib.asynccontextmanager
-async def running_fleet(config: Config, district: District, terminals: Sequence[Terminal], host: str, port: int,
-                        plan: FaultPlan | None = None) -> AsyncIterator[MqttFleet]:
+async def running_fleet(
+    config: Config,
+    district: District,
+    terminals: Sequence[Terminal],
+    host: str,
+    port: int,
+    plan: FaultPlan | None = None,
+) -> AsyncIterator[MqttFleet]:
     """Simulated MQTT terminals, all connected (but the offline ones) when the block starts."""
-    fleet = MqttFleet(district, terminals, host, port, plan=plan or FaultPlan(),
-                      play_time_s=config.simulator.play_time_s,
-                      heartbeat_interval_s=config.simulator.heartbeat_interval_s, connect_concurrency=100)
+    fleet = MqttFleet(
+        district,
+        terminals,
+        host,
+        port,
+        plan=plan or FaultPlan(),
+        play_time_s=config.simulator.play_time_s,
+        heartbeat_interval_s=config.simulator.heartbeat_interval_s,
+        connect_concurrency=100,
+    )
     task = asyncio.create_task(fleet.run(), name="fleet")
     try:
         await asyncio.wait_for(fleet.started.wait(), 120)
@@ -81,7 +101,9 @@ async def settle(daemon: Daemon, alert_id: str, timeout_s: float = 60) -> dict[s
 
 
 @contextlib.asynccontextmanager
-async def mqtt_client(host: str, port: int, *topics: str) -> AsyncIterator[tuple[aiomqtt.Client, list[tuple[str, Any]]]]:
+async def mqtt_client(
+    host: str, port: int, *topics: str
+) -> AsyncIterator[tuple[aiomqtt.Client, list[tuple[str, Any]]]]:
     """An observer client collecting every message on `topics` as (topic, JSON) pairs."""
     seen: list[tuple[str, Any]] = []
     async with aiomqtt.Client(host, port) as client:

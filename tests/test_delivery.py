@@ -40,9 +40,12 @@ def test_late_ack_upgrades_an_uncertain_delivery() -> None:
     d = Delivery("t")
     d.sent(0.0, 5.0)
     d.timed_out(5.0, retry_at=None)
-    assert d.state is DState.UNCERTAIN and d.bucket == "uncertain" and d.final
+    assert d.state is DState.UNCERTAIN
+    assert d.bucket == "uncertain"
+    assert d.final
     assert d.acknowledged(9.0, Progress.RECEIVED)
-    assert d.state is DState.ACKNOWLEDGED and d.bucket == "acked"
+    assert d.state is DState.ACKNOWLEDGED
+    assert d.bucket == "acked"
 
 
 def test_ack_after_cancel_changes_nothing() -> None:
@@ -65,8 +68,16 @@ def test_backoff_is_capped_and_jittered(attempt: int) -> None:
 
 def _run(n: int = 3, ttl: float = 100.0) -> AlertRun:
     req = AlertRequest(level=2, event_type="11B03", targets=[parse_target("all")], text="x", ttl_s=ttl)
-    return AlertRun("a1", "e" * 35, req, {f"t{i}": Delivery(f"t{i}") for i in range(n)}, accepted_at=0.0,
-                    started=0.0, expires=ttl, rng=random.Random(7))
+    return AlertRun(
+        "a1",
+        "e" * 35,
+        req,
+        {f"t{i}": Delivery(f"t{i}") for i in range(n)},
+        accepted_at=0.0,
+        started=0.0,
+        expires=ttl,
+        rng=random.Random(7),
+    )
 
 
 POLICY = RetryPolicy(ack_timeout_s=5.0, max_attempts=3, backoff=Backoff(1.0, 4.0, 0.2))
@@ -80,7 +91,8 @@ def test_retry_timing_with_a_fake_clock() -> None:
     assert run.next_wake() == 5.0
     assert run.check_timers(5.0, POLICY) == ["t0"]
     d = run.deliveries["t0"]
-    assert d.state is DState.UNCERTAIN and d.retry_at is not None
+    assert d.state is DState.UNCERTAIN
+    assert d.retry_at is not None
     assert 5.0 + 0.8 <= d.retry_at <= 5.0 + 1.2  # first retry after ~initial_s
     assert run.to_send(d.retry_at - 0.01) == []
     assert run.to_send(d.retry_at) == ["t0"]
@@ -88,12 +100,15 @@ def test_retry_timing_with_a_fake_clock() -> None:
     run.mark_sent(["t0"], sent_at, POLICY)
     t = sent_at + 5.0
     assert run.check_timers(t, POLICY) == ["t0"]
-    assert d.retry_at is not None and t + 1.6 <= d.retry_at <= t + 2.4  # doubled
+    assert d.retry_at is not None
+    assert t + 1.6 <= d.retry_at <= t + 2.4
     run.mark_sent(["t0"], d.retry_at, POLICY)
     assert d.attempts == 3
     run.check_timers(d.deadline or 0.0, POLICY)
-    assert d.state is DState.UNCERTAIN and d.retry_at is None  # attempts spent: no more retries
-    assert run.settle(30.0) and run.state is AlertState.PARTIAL
+    assert d.state is DState.UNCERTAIN
+    assert d.retry_at is None
+    assert run.settle(30.0)
+    assert run.state is AlertState.PARTIAL
 
 
 def test_no_retry_is_scheduled_past_the_time_to_live() -> None:
@@ -109,9 +124,11 @@ def test_alert_rolls_up_from_its_deliveries() -> None:
     assert run.counts == {"acked": 0, "failed": 0, "uncertain": 0, "pending": 3}
     run.on_report(TerminalReport("t0", "a1", 1, AckStatus.RECEIVED), 0.1)
     run.on_report(TerminalReport("t1", "a1", 1, AckStatus.REFUSED, "busy"), 0.1)
-    assert not run.settle(0.2) and run.state is AlertState.DISPATCHING
+    assert not run.settle(0.2)
+    assert run.state is AlertState.DISPATCHING
     run.on_report(TerminalReport("t2", "a1", 1, AckStatus.DONE), 0.3)
-    assert run.settle(0.3) and run.state is AlertState.PARTIAL
+    assert run.settle(0.3)
+    assert run.state is AlertState.PARTIAL
     assert run.counts == {"acked": 2, "failed": 1, "uncertain": 0, "pending": 0}
     assert run.deliveries["t1"].cause == "busy"
 
@@ -121,7 +138,8 @@ def test_all_acked_completes_and_cancel_stops_everyone() -> None:
     run.mark_sent(run.to_send(0.0), 0.0, POLICY)
     for t in ("t0", "t1"):
         run.on_report(TerminalReport(t, "a1", 1, AckStatus.PLAYING), 0.5)
-    assert run.settle(0.5) and run.state is AlertState.COMPLETED
+    assert run.settle(0.5)
+    assert run.state is AlertState.COMPLETED
     assert sorted(run.end(AlertState.CANCELLED, 1.0, "by duty officer")) == ["t0", "t1"]
     assert run.state is AlertState.CANCELLED
     assert all(d.state is DState.CANCELLED for d in run.deliveries.values())

@@ -21,8 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 def _alert(target: str, **kw: object) -> AlertRequest:
-    return AlertRequest.model_validate({"level": 2, "event_type": "11B03", "targets": [parse_target(target)],
-                                        "text": "暴雨橙色预警：请注意防范", "test": True, **kw})
+    return AlertRequest.model_validate(
+        {
+            "level": 2,
+            "event_type": "11B03",
+            "targets": [parse_target(target)],
+            "text": "暴雨橙色预警：请注意防范",
+            "test": True,
+            **kw,
+        }
+    )
 
 
 async def test_district_wide_alert_reaches_every_terminal_and_town_alert_only_its_town(
@@ -46,13 +54,16 @@ async def test_district_wide_alert_reaches_every_terminal_and_town_alert_only_it
         plays = fleet.plays()
         assert sum(1 for (_, a, _r) in plays if a == run.id) == 769
         assert all(n == 1 for n in plays.values())
-        await wait_for(lambda: any(t == topics.alert_state(run.id) and d and d["coverage"] == 1.0 for t, d in seen), 5)
+        await wait_for(
+            lambda: any(t == topics.alert_state(run.id) and d and d["coverage"] == 1.0 for t, d in seen), 5
+        )
 
         town = list(district.towns.values())[2]
         town_run = await daemon.submit(_alert(f"town:{town.area}"), source="test", actor="pytest")
         town_state = await settle(daemon, town_run.id)
         expected = {t.code for t in town.terminals()}
-        assert town_state["state"] == "completed" and town_state["targets"] == len(expected)
+        assert town_state["state"] == "completed"
+        assert town_state["targets"] == len(expected)
         assert list(town_state["towns"]) == [town.code]
         played = {code for (code, a, _r) in fleet.plays() if a == town_run.id}
         assert played == expected
@@ -81,8 +92,16 @@ async def test_five_percent_offline_ends_partial_naming_exactly_them(
         not_acked = {t for t, d in run.deliveries.items() if d.bucket != "acked"}
         assert not_acked == offline
         assert all(run.deliveries[t].attempts == 2 for t in offline)
-        await wait_for(lambda: any(t == topics.alert_state(run.id) and d and d["state"] == "partial"
-                                   and d["acked"] == 769 - len(offline) for t, d in seen), 5)
+        await wait_for(
+            lambda: any(
+                t == topics.alert_state(run.id)
+                and d
+                and d["state"] == "partial"
+                and d["acked"] == 769 - len(offline)
+                for t, d in seen
+            ),
+            5,
+        )
 
 
 async def test_bad_upstream_input_is_rejected_with_its_reason_and_the_daemon_keeps_serving(
@@ -91,18 +110,29 @@ async def test_bad_upstream_input_is_rejected_with_its_reason_and_the_daemon_kee
     config = fast_config(shipped_config)
     topics = Topics(district.code)
     village = next(district.villages())
-    good = {"identifier": "ok-1", "sender": "city", "level": 3, "event_type": "11B03",
-            "targets": [f"village:{village.code}"], "text": "大风蓝色预警"}
+    good = {
+        "identifier": "ok-1",
+        "sender": "city",
+        "level": 3,
+        "event_type": "11B03",
+        "targets": [f"village:{village.code}"],
+        "text": "大风蓝色预警",
+    }
     bad = {
         "malformed_json": b'{"level": 9, "targets": ["nowhere"',
         "unknown_event": json.dumps({**good, "identifier": "b1", "event_type": "99Z99"}).encode(),
-        "unknown_target": json.dumps({**good, "identifier": "b2", "targets": ["village:999999999999"]}).encode(),
+        "unknown_target": json.dumps(
+            {**good, "identifier": "b2", "targets": ["village:999999999999"]}
+        ).encode(),
         "too_large": b'{"text": "' + b"x" * (MAX_PAYLOAD_BYTES + 10) + b'"}',
     }
     async with (
         running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
         running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port),
-        mqtt_client(mosquitto.host, mosquitto.port, topics.rejected, f"{topics.prefix}/alerts/+") as (client, seen),
+        mqtt_client(mosquitto.host, mosquitto.port, topics.rejected, f"{topics.prefix}/alerts/+") as (
+            client,
+            seen,
+        ),
     ):
         for payload in bad.values():
             await client.publish(topics.alerts_in, payload, qos=1)
@@ -111,12 +141,14 @@ async def test_bad_upstream_input_is_rejected_with_its_reason_and_the_daemon_kee
         assert sorted(reasons) == sorted(bad)
         for _t, d in seen:
             if _t == topics.rejected:
-                assert d["detail"] and len(d["sha256"]) == 64
+                assert d["detail"]
+                assert len(d["sha256"]) == 64
         await client.publish(topics.alerts_in, json.dumps(good).encode(), qos=1)
         await wait_for(lambda: any(r.request.identifier == "ok-1" for r in daemon.engine.runs.values()), 10)
         run = next(r for r in daemon.engine.runs.values() if r.request.identifier == "ok-1")
         state = await settle(daemon, run.id)
-        assert state["state"] == "completed" and state["targets"] == len(village.terminals)
+        assert state["state"] == "completed"
+        assert state["targets"] == len(village.terminals)
         await client.publish(topics.alerts_in, json.dumps(good).encode(), qos=1)  # the same again
         await wait_for(lambda: "duplicate" in [d["reason"] for t, d in seen if t == topics.rejected], 10)
         assert sum(1 for r in daemon.engine.runs.values() if r.request.identifier == "ok-1") == 1

@@ -35,7 +35,9 @@ def parse_json_alert(payload: bytes) -> AlertRequest:
         data["msg_type"] = data["msg_type"].lower()
     event = data.get("event_type")
     if isinstance(event, str) and len(event) == 5 and events.lookup(event) is None:
-        raise IngestError(Reason.UNKNOWN_EVENT, f"event_type {event!r} is not in the event type table", identifier)
+        raise IngestError(
+            Reason.UNKNOWN_EVENT, f"event_type {event!r} is not in the event type table", identifier
+        )
     targets = data.get("targets")
     if isinstance(targets, list):
         data["targets"] = [_target(t, i, identifier) for i, t in enumerate(targets)]

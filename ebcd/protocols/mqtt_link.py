@@ -125,6 +125,10 @@ class MqttLink:
             return False
         return True
 
+    async def drain(self) -> None:
+        """Return when every queued message has been published (or dropped and counted)."""
+        await self._queue.join()
+
     @property
     def queue_depth(self) -> int:
         """Messages waiting to be published."""

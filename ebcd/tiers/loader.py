@@ -85,7 +85,9 @@ def _code(place: str, what: str, text: str, level: Level, check: _Check) -> Reso
         check.fail(place, f"{what}: {e}")
         return None
     if code.level is not level:
-        check.fail(place, f"{what} {text} has level {int(code.level)}, expected {int(level)} ({level.name.lower()})")
+        check.fail(
+            place, f"{what} {text} has level {int(code.level)}, expected {int(level)} ({level.name.lower()})"
+        )
         return None
     return code
 
@@ -133,10 +135,14 @@ def _add_room(
         return
     town = next((t for t in district.towns.values() if t.code == row["parent"]), None)
     if town is None:
-        check.fail(place, f"village {row['code']}: parent town {row['parent']!r} does not exist (towns come first)")
+        check.fail(
+            place, f"village {row['code']}: parent town {row['parent']!r} does not exist (towns come first)"
+        )
         return
     if town_area_of(code.area) != town.area:
-        check.fail(place, f"village {row['code']} area {code.area} is not inside town {town.code} ({town.area})")
+        check.fail(
+            place, f"village {row['code']} area {code.area} is not inside town {town.code} ({town.area})"
+        )
         return
     if link == "serial" and not row["port"]:
         check.fail(place, f"village {row['code']} is on a serial link but names no port")
@@ -195,7 +201,9 @@ def _add_terminal(
             check.fail(place, f"bus address {address} already used on room {room} (at {bus[key]})")
             return
         bus[key] = place
-    term = Terminal(row["code"], row["name"], room, village.code if village else None, town.code, lat, lon, link, address)
+    term = Terminal(
+        row["code"], row["name"], room, village.code if village else None, town.code, lat, lon, link, address
+    )
     if village:
         village.terminals.append(term)
     else:

@@ -10,9 +10,15 @@ from ebcd.alert import CodeTarget, MsgType
 from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
 from ebcd.ingest.json_alert import parse_json_alert
 
-GOOD = {"identifier": "up-1", "sender": "city-ews", "level": 2, "event_type": "11B03",
-        "targets": ["all", "town:341523101000", {"kind": "circle", "lat": 31.4, "lon": 116.9, "radius_km": 3}],
-        "text": "暴雨橙色预警", "ttl_s": 600}
+GOOD = {
+    "identifier": "up-1",
+    "sender": "city-ews",
+    "level": 2,
+    "event_type": "11B03",
+    "targets": ["all", "town:341523101000", {"kind": "circle", "lat": 31.4, "lon": 116.9, "radius_km": 3}],
+    "text": "暴雨橙色预警",
+    "ttl_s": 600,
+}
 
 
 def test_a_good_alert_parses() -> None:
@@ -23,9 +29,13 @@ def test_a_good_alert_parses() -> None:
 
 
 def test_cancel_by_reference() -> None:
-    req = parse_json_alert(json.dumps({"msgType": "Cancel", "references": ["city-ews,up-1"], "level": 2,
-                                       "event": "11B03"}).encode())
-    assert req.msg_type is MsgType.CANCEL and req.references == ["city-ews,up-1"]
+    req = parse_json_alert(
+        json.dumps(
+            {"msgType": "Cancel", "references": ["city-ews,up-1"], "level": 2, "event": "11B03"}
+        ).encode()
+    )
+    assert req.msg_type is MsgType.CANCEL
+    assert req.references == ["city-ews,up-1"]
 
 
 @pytest.mark.parametrize(
@@ -43,8 +53,19 @@ def test_cancel_by_reference() -> None:
         (b"[" * 5000 + b"]" * 5000, Reason.MALFORMED_JSON, "nesting"),
         (json.dumps({**GOOD, "text": "x" * (MAX_PAYLOAD_BYTES + 1)}).encode(), Reason.TOO_LARGE, "exceeds"),
     ],
-    ids=["truncated", "binary", "not-object", "unknown-event", "bad-target", "level", "empty-text",
-         "unknown-field", "no-targets", "deep", "oversized"],
+    ids=[
+        "truncated",
+        "binary",
+        "not-object",
+        "unknown-event",
+        "bad-target",
+        "level",
+        "empty-text",
+        "unknown-field",
+        "no-targets",
+        "deep",
+        "oversized",
+    ],
 )
 def test_bad_input_is_refused_with_its_reason(payload: bytes, reason: Reason, where: str) -> None:
     with pytest.raises(IngestError) as e:

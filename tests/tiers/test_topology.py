@@ -24,7 +24,8 @@ def test_shipped_district_has_the_documented_shape(district: District) -> None:
     assert len(district) == 769
     for t in district.terminals():
         code = ResourceCode.parse(t.code)
-        assert code.resource_type == "0314" and code.subtype == "04"
+        assert code.resource_type == "0314"
+        assert code.subtype == "04"
         assert code.area.startswith(district.area[:6])
 
 
@@ -42,13 +43,20 @@ def test_resolve_by_resource_code_and_area_code_agree(district: District) -> Non
 def test_targets_do_not_double_count(district: District) -> None:
     town = next(iter(district.towns.values()))
     village = next(iter(town.villages.values()))
-    res = district.resolve([parse_target(f"town:{town.code}"), parse_target(f"village:{village.code}"),
-                            parse_target(f"terminal:{village.terminals[0].code}")])
+    res = district.resolve(
+        [
+            parse_target(f"town:{town.code}"),
+            parse_target(f"village:{village.code}"),
+            parse_target(f"terminal:{village.terminals[0].code}"),
+        ]
+    )
     assert len(res.terminals) == sum(1 for _ in town.terminals())
 
 
 def test_unknown_targets_are_named(district: District) -> None:
-    res = district.resolve([parse_target("village:63415231999990314010101"), parse_target("town:999999999999")])
+    res = district.resolve(
+        [parse_target("village:63415231999990314010101"), parse_target("town:999999999999")]
+    )
     assert res.terminals == ()
     assert res.unknown == ("village:63415231999990314010101", "town:999999999999")
 
@@ -57,9 +65,13 @@ def test_polygon_and_circle_select_by_coordinates(district: District) -> None:
     village = next(iter(next(iter(district.towns.values())).villages.values()))
     lats = [t.lat for t in village.terminals]
     lons = [t.lon for t in village.terminals]
-    box = [(min(lats) - 1e-4, min(lons) - 1e-4), (min(lats) - 1e-4, max(lons) + 1e-4),
-           (max(lats) + 1e-4, max(lons) + 1e-4), (max(lats) + 1e-4, min(lons) - 1e-4),
-           (min(lats) - 1e-4, min(lons) - 1e-4)]
+    box = [
+        (min(lats) - 1e-4, min(lons) - 1e-4),
+        (min(lats) - 1e-4, max(lons) + 1e-4),
+        (max(lats) + 1e-4, max(lons) + 1e-4),
+        (max(lats) + 1e-4, min(lons) - 1e-4),
+        (min(lats) - 1e-4, min(lons) - 1e-4),
+    ]
     inside = district.resolve([PolygonTarget(points=box)]).terminals
     assert set(village.terminals) <= set(inside)
     t0 = village.terminals[0]
@@ -110,21 +122,33 @@ def test_every_ledger_error_is_reported_with_its_place(tmp_path: Path) -> None:
         load_district(load_config(cfg))
     errors = "\n".join(e.value.errors)
     assert f"terminals.csv:3: duplicate code {dup_code} (first at terminals.csv:2)" in errors
-    assert "terminals.csv:11: terminal" in errors and "room '63415231009990314010101' does not exist" in errors
-    assert "terminals.csv:21: terminal code:" in errors and "has 22 digits" in errors
-    assert "rooms.csv:3: village code" in errors and "has level 5, expected 6" in errors
+    assert "terminals.csv:11: terminal" in errors
+    assert "room '63415231009990314010101' does not exist" in errors
+    assert "terminals.csv:21: terminal code:" in errors
+    assert "has 22 digits" in errors
+    assert "rooms.csv:3: village code" in errors
+    assert "has level 5, expected 6" in errors
 
 
 def test_topology_check_command(tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "ebcd", "topology", "check", "-c", str(ROOT / "config/ebcd.toml")],
-                        capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [sys.executable, "-m", "ebcd", "topology", "check", "-c", str(ROOT / "config/ebcd.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     for n in ("towns              7", "villages           149", "terminals          769"):
         assert n in ok.stdout
     cfg = _broken_copy(tmp_path)
     rows = (tmp_path / "terminals.csv").read_text(encoding="utf-8").splitlines()
     _edit(tmp_path / "terminals.csv", 5, rows[4].split(",")[2], "nowhere")
-    bad = subprocess.run([sys.executable, "-m", "ebcd", "topology", "check", "-c", str(cfg)],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ebcd", "topology", "check", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2
-    assert "terminals.csv:5: terminal" in bad.stderr and "room 'nowhere' does not exist" in bad.stderr
+    assert "terminals.csv:5: terminal" in bad.stderr
+    assert "room 'nowhere' does not exist" in bad.stderr
