@@ -23,6 +23,8 @@ import structlog
 
 log = structlog.get_logger("ebcd.mqtt")
 
+DISCONNECT_TIMEOUT_S = 2.0
+
 
 class LinkState(IntEnum):
     """Connection state, also exported as a gauge."""
@@ -173,25 +175,44 @@ class MqttLink:
         failures = 0
         while True:
             self._set_state(LinkState.CONNECTING)
+            client = self._make_client()
             try:
-                async with self._make_client() as client:
-                    self._client = client
-                    failures = 0
-                    self.connects += 1
+                await client.__aenter__()
+                # our workers bound the publishes in flight; aiomqtt's warning threshold follows them
+                client.pending_calls_threshold = self._workers + 10
+                self._client = client
+                failures = 0
+                self.connects += 1
+                try:
                     await self._serve(client)
+                finally:
+                    self._client = None
+                    await self._disconnect(client)
             except aiomqtt.MqttError as e:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # aiomqtt may turn a cancelled disconnect into MqttError: stay cancelled
+                    raise asyncio.CancelledError from e
                 failures += 1
                 delay = min(self._reconnect[1], self._reconnect[0] * 2 ** min(failures - 1, 16))
                 delay *= rng.uniform(0.5, 1.0)
                 if not self._quiet or failures == 1:
                     self._log.warning("mqtt.disconnected", error=str(e), retry_in_s=round(delay, 2))
-                self._client = None
                 self._set_state(LinkState.DISCONNECTED)
                 await asyncio.sleep(delay)
             finally:
-                self._client = None
                 if self.state is not LinkState.DISCONNECTED:
                     self._set_state(LinkState.DISCONNECTED)
+
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
+        """Leave the broker politely, but never wait for it longer than DISCONNECT_TIMEOUT_S."""
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_TIMEOUT_S)
+        except (TimeoutError, aiomqtt.MqttError) as e:
+            self._log.info("mqtt.disconnect_forced", error=str(e) or type(e).__name__)
+            sock = client._client.socket()  # noqa: SLF001  (paho's public socket() on aiomqtt's client)
+            if sock is not None:
+                sock.close()
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         for topic in self._subscriptions:
@@ -201,15 +222,16 @@ class MqttLink:
             self._log.info("mqtt.connected", broker=f"{self._host}:{self._port}", connects=self.connects)
         if self._on_connect:
             await self._on_connect()
-        async with asyncio.TaskGroup() as tg:
-            workers = [
-                tg.create_task(self._publisher(client), name=f"mqtt-pub-{i}") for i in range(self._workers)
-            ]
-            try:
-                await self._receive(client)
-            finally:
-                for w in workers:
-                    w.cancel()
+        # Not a TaskGroup: a lost connection must surface here as a plain MqttError for run().
+        workers = [
+            asyncio.create_task(self._publisher(client), name=f"mqtt-pub-{i}") for i in range(self._workers)
+        ]
+        try:
+            await self._receive(client)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         handler = self._on_message
