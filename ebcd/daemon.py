@@ -28,6 +28,7 @@ from ebcd.control import SOCKET_NAME, ControlError, Peer, serve
 from ebcd.delivery import Backoff, Delivery, DState
 from ebcd.engine import Engine
 from ebcd.ingest import IngestError, Reason
+from ebcd.ingest.cap import parse_cap
 from ebcd.ingest.json_alert import parse_json_alert
 from ebcd.metrics import Metrics
 from ebcd.protocols import mqtt_codec
@@ -346,13 +347,12 @@ class Daemon:
     def parse_upstream(self, payload: bytes) -> AlertRequest:
         """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError."""
         head = payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"<"):
-            from ebcd.ingest.cap import parse_cap
-
-            return parse_cap(
-                payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s
-            ).request
-        return parse_json_alert(payload)
+        if not head.startswith(b"<"):
+            return parse_json_alert(payload)
+        cap = parse_cap(payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s)
+        # Updates and cancels are matched on (sender, identifier), as CAP's references name them.
+        refs = [f"{r.sender},{r.identifier}" for r in cap.references]
+        return cap.request.model_copy(update={"references": refs, "sender": cap.sender})
 
     async def submit(self, request: AlertRequest, *, source: str, actor: str) -> AlertRun:
         """Accept an alert (or an update or cancel of one) durably, or raise IngestError."""
