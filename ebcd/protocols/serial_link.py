@@ -1,0 +1,589 @@
+"""The serial bus master: the only module that opens serial ports (RS-485 multi-drop, RS-232 rooms).
+
+Theory of operation. One owner task per port (`run`) opens it, feeds received bytes to a
+`FrameDecoder` and does the bus's work one exchange at a time, half duplex. Alert jobs queued by
+`dispatch` run first, in the order queued; routine polling (a heartbeat to every terminal each
+`poll_interval_s`, plus a re-query of results still in progress) runs only when no alert job
+waits, so an alert waits for at most one routine exchange. An alert job sends its command once to
+all its terminals (nobody answers a frame with several targets), then queries each terminal in
+address order until it answers with a broadcast result or the attempts run out; a terminal that
+answers "never received it" gets the command again, addressed to it alone. Replies are matched by
+(terminal EBRID, session): the waiter is registered before the write and removed in `finally`;
+any other frame is dropped and counted. When the port fails the owner reopens it with capped,
+jittered backoff, forgets what it knew about liveness (unknown, not offline) and resumes the job
+it was running, re-sending its command (terminals play each (alert, revision) once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import serial_asyncio_fast
+import structlog
+
+from ebcd.protocols.frame import (
+    Body,
+    BroadcastResult,
+    BroadcastStart,
+    BroadcastStop,
+    FaultReport,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    Heartbeat,
+    LocalProtocolError,
+    Query,
+    ResultStatus,
+    TerminalState,
+    command_body,
+    encode_body,
+    encode_frame,
+    max_targets_per_frame,
+    result_report,
+)
+from ebcd.protocols.messages import (
+    AckStatus,
+    Command,
+    Liveness,
+    PlayCommand,
+    TerminalPresence,
+    TerminalReport,
+)
+
+log = structlog.get_logger("ebcd.serial")
+
+RESPONSE_TIMEOUT_S = 0.5
+ATTEMPTS_PER_EXCHANGE = 3
+INTER_FRAME_GAP_S = 0.005
+POLL_INTERVAL_S = 30.0
+OFFLINE_AFTER_MISSES = 3
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+CLOSE_TIMEOUT_S = 2.0
+REPLY_ALLOWANCE_BYTES = 128  # airtime allowed for a reply, on top of the response timeout
+MAX_SESSION = 0xFFFFFFFF
+_T = TypeVar("_T")
+_FINAL_STATUSES = frozenset({AckStatus.DONE, AckStatus.REFUSED, AckStatus.STOPPED})
+
+
+class BusClosedError(Exception):
+    """The bus master stopped before a dispatched command was through."""
+
+
+class PortLostError(ConnectionError):
+    """The serial port (or socket) went away while in use."""
+
+
+@dataclass(frozen=True, slots=True)
+class BusCounters:
+    """A snapshot of a bus master's counters (all monotonic counts)."""
+
+    frames_sent: int
+    frames_received: int
+    bytes_sent: int
+    bytes_received: int
+    crc_errors: int
+    discarded_bytes: int
+    malformed: int
+    timeouts: int
+    retries: int
+    dropped: int
+    echo_bytes_dropped: int
+    port_failures: int
+    callback_errors: int
+    faults_reported: int
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchOutcome:
+    """What became of one dispatched command on this bus."""
+
+    reports: dict[str, AckStatus]
+    unanswered: tuple[str, ...]
+    unknown: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Watch:
+    """A broadcast result still in progress on one terminal, re-queried by routine polling."""
+
+    query: Query
+    last: AckStatus
+    expires_at: float
+
+
+@dataclass(slots=True)
+class _Terminal:
+    code: str
+    address: int
+    log: Any
+    live: Liveness | None = None  # None: unknown
+    session: int = 0
+    misses: int = 0
+    watches: dict[tuple[str, int], _Watch] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Job:
+    body: BroadcastStart | BroadcastStop
+    remaining: deque[str]
+    done: asyncio.Future[DispatchOutcome]
+    unknown: tuple[str, ...]
+    ttl_s: float
+    sent: bool = False
+    reports: dict[str, AckStatus] = field(default_factory=dict)
+    unanswered: list[str] = field(default_factory=list)
+
+    def outcome(self) -> DispatchOutcome:
+        return DispatchOutcome(dict(self.reports), tuple(self.unanswered), self.unknown)
+
+
+class _BusProtocol(asyncio.Protocol):
+    """Hands the port's bytes and its loss to the master."""
+
+    def __init__(self, master: SerialBusMaster) -> None:
+        self._master = master
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self._master._data_received(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._master._connection_lost(self, exc)
+
+
+class SerialBusMaster:
+    """Owns one serial bus: sends alerts at priority, polls terminals, reports what they answer."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        source: str,
+        terminals: Mapping[str, int],
+        on_report: Callable[[TerminalReport], None],
+        on_presence: Callable[[TerminalPresence], None] | None = None,
+        baudrate: int = 9600,
+        parity: str = "N",
+        bytesize: int = 8,
+        stopbits: float = 1,
+        response_timeout_s: float = RESPONSE_TIMEOUT_S,
+        attempts: int = ATTEMPTS_PER_EXCHANGE,
+        inter_frame_gap_s: float = INTER_FRAME_GAP_S,
+        echo_suppression: bool = False,
+        poll_interval_s: float | None = POLL_INTERVAL_S,
+        offline_after_misses: int = OFFLINE_AFTER_MISSES,
+        reconnect_min_s: float = RECONNECT_MIN_S,
+        reconnect_max_s: float = RECONNECT_MAX_S,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        encode_frame(Frame(source, tuple(terminals), Heartbeat()))  # every code must be an EBRID
+        self.url = url
+        self._source = source
+        self._log = log.bind(port=url)
+        self._terminals = {
+            code: _Terminal(code, address, self._log.bind(terminal=code, address=address))
+            for code, address in sorted(terminals.items(), key=lambda item: item[1])
+        }
+        self._on_report = on_report
+        self._on_presence = on_presence
+        self._serial_kwargs: dict[str, Any] = {
+            "baudrate": baudrate,
+            "parity": parity,
+            "bytesize": bytesize,
+            "stopbits": stopbits,
+        }
+        self._char_bits = 1 + bytesize + (0 if parity == "N" else 1) + stopbits
+        self._baudrate = baudrate
+        self._response_timeout_s = response_timeout_s
+        self._attempts = attempts
+        self._gap_s = inter_frame_gap_s
+        self._echo_suppression = echo_suppression
+        self._poll_interval_s = poll_interval_s
+        self._offline_after = offline_after_misses
+        self._reconnect_s = (reconnect_min_s, reconnect_max_s)
+
+        self._decoder = FrameDecoder()
+        self._jobs: deque[_Job] = deque()
+        self._poll_queue: deque[tuple[_Terminal, _Watch | None]] = deque()
+        self._next_round_at = 0.0
+        self._wakeup = asyncio.Event()
+        self._waiters: dict[tuple[str, int], asyncio.Future[Frame]] = {}
+        self._protocol: _BusProtocol | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._lost: PortLostError | None = None
+        self._echo = b""
+        self._echo_matched = 0
+        self._session = random.randrange(MAX_SESSION)
+        self._heard_since_open = False
+        self._closed = False
+        self.frames_sent = self.frames_received = self.bytes_sent = self.bytes_received = 0
+        self.timeouts = self.retries = self.dropped = self.echo_bytes_dropped = 0
+        self.port_failures = self.callback_errors = self.faults_reported = 0
+
+    @property
+    def connected(self) -> bool:
+        """True while the port is open."""
+        return self._transport is not None and self._lost is None
+
+    @property
+    def counters(self) -> BusCounters:
+        """A snapshot of every counter, including the decoder's."""
+        stats = self._decoder.stats
+        return BusCounters(
+            self.frames_sent, self.frames_received, self.bytes_sent, self.bytes_received,
+            stats.crc_errors, stats.discarded_bytes, stats.malformed + stats.oversize, self.timeouts,
+            self.retries, self.dropped, self.echo_bytes_dropped, self.port_failures,
+            self.callback_errors, self.faults_reported,
+        )  # fmt: skip
+
+    def airtime_s(self, byte_count: int) -> float:
+        """Seconds `byte_count` bytes occupy the line at this bus's baud rate and character format."""
+        return byte_count * self._char_bits / self._baudrate
+
+    async def dispatch(self, cmd: Command, terminals: Sequence[str]) -> DispatchOutcome:
+        """Queue a command at alert priority for these terminals; return once each answered or gave up."""
+        if self._closed:
+            raise BusClosedError(f"bus master on {self.url} has stopped")
+        body = command_body(cmd)
+        if max_targets_per_frame(len(encode_body(body))) < 1:  # encode_body raises if it cannot carry
+            raise LocalProtocolError("command body leaves no room for a target in one frame")
+        unknown = tuple(dict.fromkeys(t for t in terminals if t not in self._terminals))
+        if unknown:
+            self._log.warning("serial.unknown_terminals", alert_id=cmd.alert_id, terminals=list(unknown))
+        known = sorted(
+            {t for t in terminals if t in self._terminals}, key=lambda t: self._terminals[t].address
+        )
+        loop = asyncio.get_running_loop()
+        ttl_s = cmd.ttl_s if isinstance(cmd, PlayCommand) else 0.0
+        job = _Job(body, deque(known), loop.create_future(), unknown, ttl_s)
+        if not known:
+            return job.outcome()
+        self._jobs.append(job)
+        self._wakeup.set()
+        return await job.done
+
+    async def run(self) -> None:
+        """Own the port until cancelled: open it, serve the bus, reopen with capped jittered backoff."""
+        self._closed = False
+        failures = 0
+        try:
+            while True:
+                try:
+                    await self._serve_connection()
+                except OSError as exc:  # serial.SerialException and PortLostError are OSErrors
+                    self.port_failures += 1
+                    failures = 1 if self._heard_since_open else failures + 1
+                    low, high = self._reconnect_s
+                    delay = min(high, low * 2 ** min(failures - 1, 16)) * random.uniform(0.5, 1.0)
+                    self._log.warning("serial.port_failed", error=str(exc), retry_in_s=round(delay, 3))
+                    await asyncio.sleep(delay)
+        finally:
+            self._closed = True
+            while self._jobs:
+                job = self._jobs.popleft()
+                if not job.done.done():
+                    job.done.set_exception(BusClosedError(f"bus master on {self.url} stopped"))
+
+    async def _serve_connection(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._heard_since_open = False
+        transport, protocol = await serial_asyncio_fast.create_serial_connection(
+            loop, lambda: _BusProtocol(self), self.url, **self._serial_kwargs
+        )
+        assert isinstance(protocol, _BusProtocol)  # noqa: S101 - create_serial_connection returns our factory's protocol
+        self._transport, self._protocol, self._lost = transport, protocol, None
+        self._decoder = FrameDecoder(stats=self._decoder.stats)
+        self._poll_queue.clear()
+        self._next_round_at = loop.time()
+        if self._jobs:
+            self._jobs[0].sent = False  # the command may not have crossed before the port failed
+        self._log.info("serial.connected", baudrate=self._baudrate)
+        try:
+            await self._work()
+        finally:
+            self._protocol = None
+            self._transport = None
+            transport.close()
+            with contextlib.suppress(TimeoutError):  # the port closes in an executor thread
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await protocol.closed
+            self._echo = b""
+            for terminal in self._terminals.values():
+                terminal.live, terminal.misses = None, 0
+
+    async def _work(self) -> None:
+        while True:
+            self._wakeup.clear()
+            if self._lost is not None:
+                raise self._lost
+            if self._jobs:
+                await self._run_job(self._jobs[0])
+                self._jobs.popleft()
+                continue
+            if await self._poll_step():
+                continue
+            timeout = None
+            if self._poll_interval_s is not None:
+                timeout = max(0.0, self._next_round_at - asyncio.get_running_loop().time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+
+    async def _run_job(self, job: _Job) -> None:
+        body = job.body
+        if not job.sent:
+            self._log.info(
+                "serial.command",
+                alert_id=body.alert_id,
+                revision=body.revision,
+                kind=body.business_type.name.lower(),
+                terminals=len(job.remaining),
+            )
+            await self._send_unanswered(body, list(job.remaining))
+            job.sent = True
+        while job.remaining:
+            code = job.remaining[0]
+            report = await self._collect(job, self._terminals[code])
+            job.remaining.popleft()
+            if report is None:
+                job.unanswered.append(code)
+            else:
+                job.reports[code] = report.status
+        if not job.done.done():
+            job.done.set_result(job.outcome())
+
+    async def _collect(self, job: _Job, terminal: _Terminal) -> TerminalReport | None:
+        body = job.body
+        query = Query(body.ebmid, body.alert_id, body.revision)
+        tlog = terminal.log.bind(alert_id=body.alert_id, revision=body.revision)
+        for attempt in range(self._attempts):
+            if attempt:
+                self.retries += 1
+            reply = await self._exchange(terminal, query)
+            result = self._matching_result(reply, query, tlog)
+            if result is None:
+                continue
+            accepted = result.status is not ResultStatus.UNKNOWN and (
+                isinstance(body, BroadcastStart)
+                or result.status in (ResultStatus.STOPPED, ResultStatus.REFUSED)
+            )
+            if not accepted:
+                tlog.info("serial.resend", status=result.status.name.lower())
+                await self._send_unanswered(body, [terminal.code])
+                continue
+            report = result_report(terminal.code, result)
+            if report is not None:
+                self._report(terminal, report, query, job.ttl_s)
+                return report
+        tlog.warning("serial.no_result", attempts=self._attempts)
+        return None
+
+    def _matching_result(self, reply: Frame | None, query: Query, tlog: Any) -> BroadcastResult | None:
+        if reply is None:
+            return None
+        result, wanted = reply.body, (query.alert_id, query.revision)
+        if isinstance(result, BroadcastResult) and (result.alert_id, result.revision) == wanted:
+            return result
+        self.dropped += 1
+        tlog.warning("serial.unexpected_answer", business_type=reply.business_type)
+        return None
+
+    def _report(self, terminal: _Terminal, report: TerminalReport, query: Query, ttl_s: float) -> None:
+        terminal.log.info("serial.report", alert_id=report.alert_id, status=str(report.status))
+        if report.status is AckStatus.STOPPED:
+            for key in [k for k in terminal.watches if k[0] == report.alert_id]:
+                del terminal.watches[key]
+        key = (report.alert_id, report.revision)
+        if report.status in _FINAL_STATUSES:
+            terminal.watches.pop(key, None)
+        elif ttl_s > 0:
+            expires_at = asyncio.get_running_loop().time() + ttl_s
+            terminal.watches[key] = _Watch(query, report.status, expires_at)
+        self._emit(self._on_report, report)
+
+    async def _poll_step(self) -> bool:
+        if self._poll_interval_s is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        if not self._poll_queue and now >= self._next_round_at:
+            self._next_round_at = now + self._poll_interval_s
+            self._queue_poll_round(now)
+        if not self._poll_queue:
+            return False
+        terminal, watch = self._poll_queue.popleft()
+        if watch is None:
+            reply = await self._exchange(terminal, Heartbeat())
+            if reply is not None:
+                self._note_terminal_state(terminal, reply.body)
+            return True
+        result = self._matching_result(await self._exchange(terminal, watch.query), watch.query, terminal.log)
+        report = None if result is None else result_report(terminal.code, result)
+        if report is not None and report.status != watch.last:
+            watch.last = report.status
+            self._report(terminal, report, watch.query, watch.expires_at - now)
+        return True
+
+    def _queue_poll_round(self, now: float) -> None:
+        """A heartbeat to every terminal, then a query for each of its results still in progress."""
+        for terminal in self._terminals.values():
+            self._poll_queue.append((terminal, None))
+            for key, pending in list(terminal.watches.items()):
+                if pending.expires_at <= now:
+                    del terminal.watches[key]
+                else:
+                    self._poll_queue.append((terminal, pending))
+
+    def _note_terminal_state(self, terminal: _Terminal, body: Body) -> None:
+        if isinstance(body, FaultReport):
+            self.faults_reported += 1
+            terminal.log.warning(
+                "serial.fault_report",
+                kind=body.kind.name.lower(),
+                code=body.code,
+                description=body.description,
+            )
+        elif isinstance(body, Heartbeat) and body.state is TerminalState.FAULT:
+            terminal.log.warning("serial.terminal_fault")
+
+    async def _exchange(self, terminal: _Terminal, body: Body) -> Frame | None:
+        session = self._next_session()
+        data = encode_frame(Frame(self._source, (terminal.code,), body, session=session))
+        key = (terminal.code, session)
+        waiter: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiters[key] = waiter
+        reply: Frame | None = None
+        try:
+            self._write(data)
+            async with asyncio.timeout(
+                self._response_timeout_s + self.airtime_s(len(data) + REPLY_ALLOWANCE_BYTES)
+            ):
+                reply = await waiter
+        except TimeoutError:
+            self.timeouts += 1
+            self._echo = b""
+            for frame in self._decoder.flush_partial():  # give up on a half frame, keep what follows
+                self._frame_received(frame)
+        finally:
+            self._waiters.pop(key, None)
+        if reply is None:
+            self._note_miss(terminal)
+        else:
+            self._note_heard(terminal, heartbeat=isinstance(reply.body, Heartbeat | FaultReport))
+        await asyncio.sleep(self._gap_s)
+        return reply
+
+    async def _send_unanswered(self, body: BroadcastStart | BroadcastStop, codes: list[str]) -> None:
+        per_frame = max_targets_per_frame(len(encode_body(body)))
+        for start in range(0, len(codes), per_frame):
+            targets = tuple(codes[start : start + per_frame])
+            data = encode_frame(Frame(self._source, targets, body, session=self._next_session()))
+            self._write(data)
+            await asyncio.sleep(self.airtime_s(len(data)) + self._gap_s)
+
+    def _write(self, data: bytes) -> None:
+        if self._lost is not None:
+            raise self._lost
+        if not isinstance(self._transport, asyncio.WriteTransport):
+            raise PortLostError(f"{self.url} is not open")
+        if self._echo_suppression:
+            self._echo, self._echo_matched = data, 0
+        self._transport.write(data)
+        self.frames_sent += 1
+        self.bytes_sent += len(data)
+
+    def _next_session(self) -> int:
+        self._session = self._session % MAX_SESSION + 1
+        return self._session
+
+    def _data_received(self, protocol: _BusProtocol, data: bytes) -> None:
+        if protocol is not self._protocol:
+            return
+        self.bytes_received += len(data)
+        if self._echo:
+            data = self._strip_echo(data)
+        self._decoder.feed(data)
+        for frame in self._decoder:
+            self._frame_received(frame)
+
+    def _strip_echo(self, data: bytes) -> bytes:
+        """Drop the adapter's echo of what we just sent; hand back anything that is not the echo."""
+        expected = self._echo[self._echo_matched :]
+        same = 0
+        for ours, theirs in zip(expected, data, strict=False):
+            if ours != theirs:
+                break
+            same += 1
+        if same == len(expected):  # the whole echo is in: drop it, keep what follows
+            self.echo_bytes_dropped += len(self._echo)
+            self._echo = b""
+            return data[same:]
+        if same == len(data):  # so far so good: hold it back until the echo is complete
+            self._echo_matched += same
+            return b""
+        held = self._echo[: self._echo_matched]  # not the echo after all: release what was held
+        self._echo = b""
+        return held + data
+
+    def _frame_received(self, frame: Frame) -> None:
+        self.frames_received += 1
+        waiter = self._waiters.get((frame.source, frame.session))
+        if frame.frame_type is not FrameType.REPLY or waiter is None or waiter.done():
+            self.dropped += 1
+            self._log.debug(
+                "serial.unexpected_frame",
+                source=frame.source,
+                session=frame.session,
+                business_type=frame.business_type,
+                own_echo=frame.source == self._source,
+            )
+            return
+        self._heard_since_open = True
+        waiter.set_result(frame)
+
+    def _connection_lost(self, protocol: _BusProtocol, exc: Exception | None) -> None:
+        if protocol is not self._protocol:
+            return
+        self._lost = PortLostError(f"{self.url} lost: {exc or 'closed by peer'}")
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(self._lost)
+        self._wakeup.set()
+
+    def _note_heard(self, terminal: _Terminal, *, heartbeat: bool) -> None:
+        terminal.misses = 0
+        if terminal.live is not Liveness.ONLINE:
+            terminal.live = Liveness.ONLINE
+            terminal.session += 1
+            terminal.log.info("serial.terminal_online", session=terminal.session)
+        elif not heartbeat:
+            return
+        self._presence(terminal, heartbeat=heartbeat)
+
+    def _note_miss(self, terminal: _Terminal) -> None:
+        terminal.misses += 1
+        if terminal.misses >= self._offline_after and terminal.live is not Liveness.OFFLINE:
+            terminal.live = Liveness.OFFLINE
+            terminal.log.warning("serial.terminal_offline", misses=terminal.misses)
+            self._presence(terminal, heartbeat=False)
+
+    def _presence(self, terminal: _Terminal, *, heartbeat: bool) -> None:
+        if self._on_presence is not None and terminal.live is not None:
+            presence = TerminalPresence(terminal.code, terminal.live, terminal.session, heartbeat=heartbeat)
+            self._emit(self._on_presence, presence)
+
+    def _emit(self, callback: Callable[[_T], None], value: _T) -> None:
+        try:
+            callback(value)
+        except Exception:  # noqa: BLE001 - a failing consumer must not stop the bus; logged and counted
+            self.callback_errors += 1
+            self._log.exception("serial.callback_failed", value=repr(value))

@@ -1,0 +1,314 @@
+"""SerialBusMaster end to end over a real pty pair (and TCP) against the simulated multi-drop bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ebcd.protocols.frame import BroadcastStart, Frame, Heartbeat, LocalProtocolError, Query, encode_frame
+from ebcd.protocols.messages import (
+    AckStatus,
+    Liveness,
+    PlayCommand,
+    StopCommand,
+    TerminalPresence,
+    TerminalReport,
+)
+from ebcd.protocols.serial_link import BusClosedError, SerialBusMaster
+from simulators.serial_bus import BusFaults, SerialBusSimulator
+
+SOURCE = "43415230000000314010301"
+TERMINALS = {f"634152310100103140104{i:02d}": i for i in range(1, 9)}
+CODES = list(TERMINALS)
+FAST_BAUD = 115200
+WAIT_S = 20.0
+
+
+def play(alert_id: str = "alert-1", revision: int = 1, seq: int = 1, ttl_s: float = 600.0) -> PlayCommand:
+    return PlayCommand(
+        alert_id=alert_id, ebmid=SOURCE + "202406010001", revision=revision, seq=seq, level=1,
+        event_type="11B03", text="暴雨红色预警，请立即转移", ttl_s=ttl_s,
+    )  # fmt: skip
+
+
+class Collector:
+    """Collects what the master reports and lets a test wait for a condition without sleeping."""
+
+    def __init__(self) -> None:
+        self.reports: list[TerminalReport] = []
+        self.presences: list[TerminalPresence] = []
+        self._changed = asyncio.Event()
+
+    def on_report(self, report: TerminalReport) -> None:
+        self.reports.append(report)
+        self._changed.set()
+
+    def on_presence(self, presence: TerminalPresence) -> None:
+        self.presences.append(presence)
+        self._changed.set()
+
+    async def until(self, condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def statuses(self, alert_id: str = "alert-1") -> dict[str, AckStatus]:
+        return {r.terminal: r.status for r in self.reports if r.alert_id == alert_id}
+
+
+@contextlib.asynccontextmanager
+async def running(master: SerialBusMaster) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(master.run(), name="bus-master")
+    try:
+        yield task
+    finally:
+        if task.done():
+            task.result()  # surface a crash of the owner task
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def bus(
+    *,
+    baud: int = FAST_BAUD,
+    faults: BusFaults | None = None,
+    play_time_s: float = 0.0,
+    tcp: bool = False,
+    record_frames: bool = False,
+    **master_options: Any,
+) -> AsyncIterator[tuple[SerialBusSimulator, SerialBusMaster, Collector]]:
+    async with SerialBusSimulator(
+        TERMINALS,
+        baudrate=baud,
+        faults=faults,
+        play_time_s=play_time_s,
+        seed=20240601,
+        record_frames=record_frames,
+    ) as sim:
+        url = await (sim.start_tcp() if tcp else sim.start_pty())
+        collector = Collector()
+        options: dict[str, Any] = {"poll_interval_s": None, "response_timeout_s": 0.2} | master_options
+        master = SerialBusMaster(
+            url, source=SOURCE, terminals=TERMINALS, on_report=collector.on_report,
+            on_presence=collector.on_presence, baudrate=baud, **options,
+        )  # fmt: skip
+        async with running(master):
+            yield sim, master, collector
+
+
+def plays_per_terminal(sim: SerialBusSimulator) -> dict[str, int]:
+    return {code: len(t.plays) for code, t in sim.terminals.items()}
+
+
+async def test_play_reaches_every_terminal_of_eight() -> None:
+    async with bus() as (sim, master, collector):
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+    assert outcome.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    assert outcome.unanswered == outcome.unknown == ()
+    assert collector.statuses() == dict.fromkeys(CODES, AckStatus.DONE)
+    assert plays_per_terminal(sim) == dict.fromkeys(CODES, 1)
+    assert {p.text for p in sim.plays} == {"暴雨红色预警，请立即转移"}
+    assert master.counters.frames_sent == 1 + 8  # one command to all, one query each
+    assert master.counters.timeouts == master.counters.dropped == 0
+    assert [p.state for p in collector.presences] == [Liveness.ONLINE] * 8
+
+
+async def test_dead_terminal_never_reports_and_goes_offline() -> None:
+    dead = CODES[3]
+    async with bus(faults=BusFaults(dead=frozenset({dead}))) as (sim, master, collector):
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+    assert outcome.unanswered == (dead,)
+    assert set(outcome.reports) == set(CODES) - {dead}
+    assert dead not in collector.statuses()
+    assert len(collector.statuses()) == 7
+    assert sim.terminals[dead].plays == []
+    assert master.counters.timeouts == 3  # ATTEMPTS_PER_EXCHANGE
+    assert master.counters.retries == 2
+    offline = [p for p in collector.presences if p.state is Liveness.OFFLINE]
+    assert [p.terminal for p in offline] == [dead]
+
+
+async def test_ten_percent_corruption_gets_through_by_retries() -> None:
+    faults = BusFaults(corrupt_rate=0.10)
+    async with bus(faults=faults, response_timeout_s=0.1, attempts=8) as (sim, master, collector):
+        for n in range(1, 4):
+            outcome = await asyncio.wait_for(master.dispatch(play(f"alert-{n}", seq=n), CODES), WAIT_S)
+            assert outcome.unanswered == ()
+    for n in range(1, 4):
+        assert set(collector.statuses(f"alert-{n}")) == set(CODES)
+    assert plays_per_terminal(sim) == dict.fromkeys(CODES, 3)  # resends never replay
+    counters = master.counters
+    assert counters.retries > 0
+    assert counters.crc_errors + counters.timeouts > 0
+
+
+async def test_resent_broadcast_start_does_not_play_twice() -> None:
+    async with bus() as (sim, master, collector):
+        first = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        again = await asyncio.wait_for(master.dispatch(play(seq=2), CODES), WAIT_S)
+        update = await asyncio.wait_for(master.dispatch(play(revision=2, seq=3), CODES[:2]), WAIT_S)
+    assert first.reports == again.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    assert update.reports == dict.fromkeys(CODES[:2], AckStatus.DONE)
+    assert len(collector.reports) == 8 + 8 + 2  # re-sent commands are acknowledged again
+    expected = dict.fromkeys(CODES, 1) | dict.fromkeys(CODES[:2], 2)  # an update is a new play
+    assert plays_per_terminal(sim) == expected
+
+
+async def test_echo_of_the_master_is_suppressed() -> None:
+    async with bus(faults=BusFaults(echo=True), echo_suppression=True) as (_, master, collector):
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+    assert outcome.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    counters = master.counters
+    assert counters.echo_bytes_dropped == counters.bytes_sent
+    assert counters.dropped == 0
+    assert len(collector.reports) == 8
+
+
+async def test_garbage_and_a_slow_responder() -> None:
+    slow = CODES[0]
+    faults = BusFaults(garbage_rate=0.5, slow={slow: 0.1})
+    async with bus(faults=faults, response_timeout_s=0.3) as (_, master, collector):
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+    assert outcome.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    assert master.counters.discarded_bytes > 0
+    assert collector.statuses()[slow] is AckStatus.DONE
+
+
+async def test_socket_url_through_tcp() -> None:
+    async with bus(tcp=True) as (sim, master, _):
+        assert master.url.startswith("socket://")
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+    assert outcome.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    assert sum(plays_per_terminal(sim).values()) == 8
+
+
+async def test_stop_while_playing() -> None:
+    async with bus(play_time_s=60.0) as (_, master, collector):
+        started = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        stop = StopCommand("alert-1", SOURCE + "202406010001", revision=1, seq=2, reason="cancelled")
+        stopped = await asyncio.wait_for(master.dispatch(stop, CODES), WAIT_S)
+    assert started.reports == dict.fromkeys(CODES, AckStatus.PLAYING)
+    assert stopped.reports == dict.fromkeys(CODES, AckStatus.STOPPED)
+    assert [r.status for r in collector.reports] == [AckStatus.PLAYING] * 8 + [AckStatus.STOPPED] * 8
+    assert all(r.seq == 2 for r in collector.reports[8:])
+
+
+async def test_routine_polling_reports_progress_and_heartbeats() -> None:
+    async with bus(play_time_s=0.3, poll_interval_s=0.1) as (_, master, collector):
+        await collector.until(lambda: sum(p.heartbeat for p in collector.presences) >= 8)
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        assert set(outcome.reports.values()) == {AckStatus.PLAYING}
+        await collector.until(lambda: collector.statuses() == dict.fromkeys(CODES, AckStatus.DONE))
+    for code in CODES:
+        assert [r.status for r in collector.reports if r.terminal == code] == [
+            AckStatus.PLAYING,
+            AckStatus.DONE,
+        ]
+    heartbeats = [p for p in collector.presences if p.heartbeat]
+    assert {p.terminal for p in heartbeats} == set(CODES)
+    assert {p.session for p in collector.presences} == {1}
+
+
+async def test_alert_preempts_routine_polling() -> None:
+    async with bus(baud=9600, poll_interval_s=3600.0, record_frames=True) as (sim, master, collector):
+        await collector.until(lambda: len(collector.presences) >= 1)  # the first heartbeat round is under way
+        await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        await collector.until(lambda: sum(p.heartbeat for p in collector.presences) >= 8)
+    assert sim.heard is not None
+    kinds = [type(f.body) for f in sim.heard]
+    start = kinds.index(BroadcastStart)
+    assert kinds[:start].count(Heartbeat) <= 2  # at most the heartbeat in flight, not the whole round
+    queries_end = max(i for i, k in enumerate(kinds) if k is Query)
+    assert kinds[start:queries_end].count(Heartbeat) == 0  # the alert ran as one block
+    assert kinds.count(Heartbeat) == 8  # and the round finished afterwards
+
+
+async def test_fault_report_is_counted() -> None:
+    async with bus(poll_interval_s=0.1) as (sim, master, collector):
+        sim.terminals[CODES[2]].set_fault(42, "amplifier")
+        await collector.until(lambda: master.faults_reported == 1 and len(collector.presences) >= 16)
+    assert any(p.terminal == CODES[2] and p.heartbeat for p in collector.presences)
+
+
+async def test_pacing_at_9600_baud_takes_at_least_the_airtime() -> None:
+    async with bus(baud=9600, response_timeout_s=0.5) as (_, master, collector):
+        started = time.monotonic()
+        outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        elapsed = time.monotonic() - started
+    assert outcome.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    start = BroadcastStart(SOURCE + "202406010001", "alert-1", 1, 1, 1, "11B03", 0xFF, 600, play().text)
+    command = encode_frame(Frame(SOURCE, tuple(CODES), start))
+    query = encode_frame(Frame(SOURCE, (CODES[0],), Query(SOURCE + "202406010001", "alert-1", 1)))
+    counters = master.counters
+    assert counters.bytes_sent == len(command) + 8 * len(query)  # one command, one query a terminal
+    assert counters.bytes_received > 8 * 60  # eight results crossed the line too
+    assert elapsed >= (counters.bytes_sent + counters.bytes_received) * 10 / 9600
+    assert len(collector.reports) == 8
+
+
+async def test_port_loss_reconnects_and_resumes(tmp_path: Path) -> None:
+    link = tmp_path / "ttyBUS0"
+    collector = Collector()
+    first = SerialBusSimulator(TERMINALS, baudrate=FAST_BAUD)
+    await first.start_pty(link)
+    master = SerialBusMaster(
+        str(link), source=SOURCE, terminals=TERMINALS, on_report=collector.on_report, baudrate=FAST_BAUD,
+        poll_interval_s=None, response_timeout_s=0.2, reconnect_min_s=0.02, reconnect_max_s=0.1,
+    )  # fmt: skip
+    async with running(master):
+        await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        await first.close()  # the port goes away under the master
+        pending = asyncio.create_task(master.dispatch(play("alert-2", seq=2), CODES))
+        async with SerialBusSimulator(TERMINALS, baudrate=FAST_BAUD) as second:
+            await second.start_pty(link)
+            outcome = await asyncio.wait_for(pending, WAIT_S)
+    assert outcome.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    assert master.counters.port_failures >= 1
+    assert sum(len(t.plays) for t in second.terminals.values()) == 8
+
+
+async def test_a_failing_callback_does_not_stop_the_bus() -> None:
+    calls: list[TerminalReport] = []
+
+    def explode(report: TerminalReport) -> None:
+        calls.append(report)
+        raise RuntimeError("consumer bug")
+
+    async with SerialBusSimulator(TERMINALS, baudrate=FAST_BAUD) as sim:
+        url = await sim.start_pty()
+        master = SerialBusMaster(
+            url,
+            source=SOURCE,
+            terminals=TERMINALS,
+            on_report=explode,
+            baudrate=FAST_BAUD,
+            poll_interval_s=None,
+        )
+        async with running(master):
+            outcome = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+    assert len(outcome.reports) == 8
+    assert len(calls) == 8
+    assert master.counters.callback_errors == 8
+
+
+async def test_unknown_terminals_and_stopped_master() -> None:
+    stranger = "63415231010010314049999"
+    async with bus() as (_, master, _collector):
+        outcome = await asyncio.wait_for(master.dispatch(play(), [CODES[0], stranger]), WAIT_S)
+        assert outcome.unknown == (stranger,)
+        assert set(outcome.reports) == {CODES[0]}
+    with pytest.raises(BusClosedError):
+        await master.dispatch(play(), CODES)
+
+
+def test_codes_must_be_resource_codes() -> None:
+    with pytest.raises(LocalProtocolError, match="bad address"):
+        SerialBusMaster("/dev/null", source="123", terminals={}, on_report=lambda r: None)
