@@ -59,13 +59,27 @@ async def wait_socket(client: ControlClient, online: int, timeout: float = 120) 
     raise SystemExit("daemon or simulators did not come up")
 
 
-async def measure_daemon(broker: str, work: Path, runs: int, journal: bool, terminals: int) -> dict[str, float]:
+async def measure_daemon(
+    broker: str, work: Path, runs: int, journal: bool, terminals: int
+) -> dict[str, float]:
     state = work / ("state-journal" if journal else "state-nojournal")
-    args = [sys.executable, "-m", "ebcd", "run", "--broker", broker, "--state-dir", str(state), "--metrics-port", "-1",
-            "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-m",
+        "ebcd",
+        "run",
+        "--broker",
+        broker,
+        "--state-dir",
+        str(state),
+        "--metrics-port",
+        "-1",
+        "--log-level",
+        "warning",
+    ]
     if not journal:
         args.append("--no-journal")
-    daemon = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=(work / "daemon.log").open("ab"))  # noqa: S603
+    daemon = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=(work / "daemon.log").open("ab"))
     try:
         client = ControlClient(state / SOCKET_NAME)
         await wait_socket(client, terminals)
@@ -73,30 +87,46 @@ async def measure_daemon(broker: str, work: Path, runs: int, journal: bool, term
         for _ in range(runs):
             c0 = cpu_s(daemon.pid)
             t0 = time.perf_counter()
-            answer = await client.request("send", alert={"level": 4, "event_type": "00000", "test": True,
-                                                         "targets": [{"kind": "all"}], "text": "benchmark"})
+            answer = await client.request(
+                "send",
+                alert={
+                    "level": 4,
+                    "event_type": "00000",
+                    "test": True,
+                    "targets": [{"kind": "all"}],
+                    "text": "benchmark",
+                },
+            )
             async for update in client.stream("watch", id=answer["id"]):
                 if update["state"]["acked"] == terminals:
                     break
             times.append(time.perf_counter() - t0)
             cpus.append(cpu_s(daemon.pid) - c0)
             await asyncio.sleep(1.0)  # let the 'done' reports of this alert pass
-        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                "cpu_s": statistics.median(cpus)}
+        return {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "max_s": max(times),
+            "cpu_s": statistics.median(cpus),
+        }
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
 
 
-async def measure_bare(host: str, port: int, district_code: str, codes: list[str], runs: int) -> dict[str, float]:
+async def measure_bare(
+    host: str, port: int, district_code: str, codes: list[str], runs: int
+) -> dict[str, float]:
     """A bare aiomqtt fan-out: one command per terminal topic, wait for one report per terminal."""
     times, cpus = [], []
     async with aiomqtt.Client(host, port, identifier="bench-bare", max_inflight_messages=200) as c:
         await c.subscribe(f"ebc/v1/{district_code}/t/+/report", qos=1)
         for i in range(runs):
             alert = f"bare-{i}"
-            payload = (f'{{"v":1,"op":"play","alert":"{alert}","ebmid":"{"0" * 35}","rev":1,"seq":{i},'
-                       '"level":4,"event":"00000","text":"bench","ttl_s":60}').encode()
+            payload = (
+                f'{{"v":1,"op":"play","alert":"{alert}","ebmid":"{"0" * 35}","rev":1,"seq":{i},'
+                '"level":4,"event":"00000","text":"bench","ttl_s":60}'
+            ).encode()
             c0, t0 = time.process_time(), time.perf_counter()
             sem = asyncio.Semaphore(200)
 
@@ -107,15 +137,22 @@ async def measure_bare(host: str, port: int, district_code: str, codes: list[str
             await asyncio.gather(*(pub(code) for code in codes))
             acked: set[str] = set()
             async for m in c.messages:
-                if alert.encode() in (m.payload if isinstance(m.payload, bytes) else b"") and b"received" in m.payload:
+                if (
+                    alert.encode() in (m.payload if isinstance(m.payload, bytes) else b"")
+                    and b"received" in m.payload
+                ):
                     acked.add(m.topic.value.split("/")[4])
                     if len(acked) == len(codes):
                         break
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
             await asyncio.sleep(1.0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "cpu_s": statistics.median(cpus)}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "cpu_s": statistics.median(cpus),
+    }
 
 
 async def main() -> None:
@@ -128,30 +165,57 @@ async def main() -> None:
     mqtt_codes = [t.code for t in district.terminals() if t.link == "mqtt"]
     work = Path(tempfile.mkdtemp(prefix="ebcd-bench-"))
     port = free_port()
-    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                                         "max_queued_messages 100000\n")
-    mosq = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],  # noqa: S603
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (work / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+    )
+    mosq = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     broker = f"mqtt://127.0.0.1:{port}"
-    sims = subprocess.Popen([sys.executable, "-m", "ebcd", "simulate", "--broker", broker, "--play-time", "0.2",  # noqa: S603
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=(work / "sim.log").open("wb"))
+    sims = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ebcd",
+            "simulate",
+            "--broker",
+            broker,
+            "--play-time",
+            "0.2",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "sim.log").open("wb"),
+    )
     try:
         results = {"ebcd, journal on": await measure_daemon(broker, work, opts.runs, True, len(district))}
         if opts.no_journal_too:
             results["ebcd, journal off"] = await measure_daemon(broker, work, opts.runs, False, len(district))
-        results["bare aiomqtt fan-out (baseline)"] = await measure_bare("127.0.0.1", port, district.code, mqtt_codes,
-                                                                        opts.runs)
+        results["bare aiomqtt fan-out (baseline)"] = await measure_bare(
+            "127.0.0.1", port, district.code, mqtt_codes, opts.runs
+        )
     finally:
         sims.send_signal(signal.SIGTERM)
         sims.wait(30)
         mosq.terminate()
     base = results["bare aiomqtt fan-out (baseline)"]
-    print(f"{len(district)} terminals ({len(mqtt_codes)} on MQTT), {opts.runs} alerts each, {os.cpu_count()} cores")
-    print(f"{'configuration':34} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s':>7} {'time/base':>9} {'cpu/base':>9}")
+    print(
+        f"{len(district)} terminals ({len(mqtt_codes)} on MQTT), {opts.runs} alerts each, "
+        f"{os.cpu_count()} cores"
+    )
+    print(
+        f"{'configuration':34} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s':>7} "
+        f"{'time/base':>9} {'cpu/base':>9}"
+    )
     for name, r in results.items():
-        print(f"{name:34} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} {r['cpu_s']:7.3f} "
-              f"{r['median_s'] / base['median_s']:9.2f} {r['cpu_s'] / base['cpu_s']:9.2f}")
+        print(
+            f"{name:34} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} {r['cpu_s']:7.3f} "
+            f"{r['median_s'] / base['median_s']:9.2f} {r['cpu_s'] / base['cpu_s']:9.2f}"
+        )
 
 
 if __name__ == "__main__":

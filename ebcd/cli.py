@@ -139,6 +139,9 @@ def simulate(
     faults_report: Annotated[
         Path | None, typer.Option(help="write the chosen faulty terminals as JSON")
     ] = None,
+    bus_faults: Annotated[
+        str, typer.Option(help="serial buses: e.g. corrupt=10%,loss=5%,echo,garbage=2%,dead=CODE")
+    ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
@@ -156,6 +159,7 @@ def simulate(
             seed=seed,
             play_time_s=play_time,
             faults_report=faults_report,
+            bus_faults=bus_faults,
         )
     except ValueError as e:
         raise _fail(str(e)) from None
@@ -391,12 +395,8 @@ def frame_decode(
     """Decode a captured serial frame: fields, addresses, CRC verdict."""
     from ebcd.protocols import frame
 
-    cleaned = "".join(hex_bytes.split()).removeprefix("0x")
-    try:
-        data = bytes.fromhex(cleaned)
-    except ValueError as e:
-        raise _fail(f"not hex: {e}") from None
-    ok, lines = frame.render_decode(data)
-    for line in lines:
+    desc = frame.describe_hex(hex_bytes)
+    for line in frame.render_description(desc):
         typer.echo(line)
+    ok = desc.valid
     raise typer.Exit(EXIT_OK if ok else EXIT_REFUSED)

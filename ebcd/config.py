@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -81,6 +82,18 @@ class DeliveryConfig(_Strict):
     state_publish_interval_s: float = Field(default=0.25, gt=0)
 
 
+class SerialConfig(_Strict):
+    """Line settings and timing of the serial (RS-485/RS-232) rooms' buses."""
+
+    baudrate: int = Field(default=9600, ge=300, le=921_600)
+    parity: Literal["N", "E", "O"] = "N"
+    response_timeout_s: float = Field(default=0.5, gt=0)
+    attempts: int = Field(default=3, ge=1, le=20)
+    inter_frame_gap_s: float = Field(default=0.005, ge=0)
+    echo_suppression: bool = False  # 2-wire RS-485 adapters hear their own transmission
+    poll_interval_s: float = Field(default=30.0, gt=0)
+
+
 class DaemonConfig(_Strict):
     """Where the daemon keeps its journal and socket, and serves metrics."""
 
@@ -105,6 +118,7 @@ class Config(_Strict):
     topology: TopologyConfig = TopologyConfig()
     mqtt: MqttConfig = MqttConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    serial: SerialConfig = SerialConfig()
     daemon: DaemonConfig = DaemonConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     base_dir: Path = Path()

@@ -34,9 +34,10 @@ from ebcd.metrics import Metrics
 from ebcd.protocols import mqtt_codec
 from ebcd.protocols.mqtt_codec import CodecError, Topics
 from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will
+from ebcd.protocols.serial_link import SerialBusMaster
 from ebcd.store import Journal, JournalError, NullJournal
 from ebcd.tiers.district import District
-from ebcd.transport import MqttTransport
+from ebcd.transport import MqttTransport, SerialTransport
 
 log = structlog.get_logger("ebcd.daemon")
 
@@ -102,6 +103,8 @@ class Daemon:
             on_state=self._on_link_state,
         )
         dc = config.delivery
+        self.serial_masters = self._serial_masters()
+        self.serial = SerialTransport(self.serial_masters, self.metrics)
         self.engine = Engine(
             district=district,
             policy=RetryPolicy(
@@ -112,13 +115,36 @@ class Daemon:
             transports={
                 "mqtt": MqttTransport(
                     district, self.topics, self.link, self.metrics, groups=config.mqtt.group_topics
-                )
+                ),
+                "serial": self.serial,
             },
             metrics=self.metrics,
             publish_state=self._publish_state,
             record_transition=self._record_transition,
             state_interval_s=dc.state_publish_interval_s,
         )
+
+    def _serial_masters(self) -> dict[str, SerialBusMaster]:
+        sc = self.config.serial
+        masters = {}
+        for village in self.district.villages():
+            if village.link != "serial" or village.port is None:
+                continue
+            masters[village.code] = SerialBusMaster(
+                village.port,
+                source=village.code,
+                terminals={t.code: t.bus_address or 0 for t in village.terminals},
+                on_report=lambda r: self.engine.on_report(r),
+                on_presence=lambda p: self.engine.on_presence(p),
+                baudrate=sc.baudrate,
+                parity=sc.parity,
+                response_timeout_s=sc.response_timeout_s,
+                attempts=sc.attempts,
+                inter_frame_gap_s=sc.inter_frame_gap_s,
+                echo_suppression=sc.echo_suppression,
+                poll_interval_s=sc.poll_interval_s,
+            )
+        return masters
 
     # -- life cycle ------------------------------------------------------------------------
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
@@ -158,6 +184,8 @@ class Daemon:
                 tg.create_task(self._liveness_loop(), name="liveness")
                 tg.create_task(self._save_docs_loop(), name="journal-docs")
                 tg.create_task(self._stopper(server), name="stopper")
+                for room, master in self.serial_masters.items():
+                    tg.create_task(master.run(), name=f"serial-bus-{room}")
                 self.ready.set()
                 if on_ready:
                     on_ready()
@@ -184,6 +212,7 @@ class Daemon:
         try:
             async with asyncio.timeout(SHUTDOWN_GRACE_S):
                 await self._flush_outgoing()
+                await self.serial.close()
                 await self._save_docs()
                 if self._journal:
                     await self._journal.flush()
@@ -216,13 +245,16 @@ class Daemon:
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self) -> None:
         assert self._journal is not None  # noqa: S101
+        last_seq = 0
         for alert in await self._journal.list_alerts(10_000):
             day, _, seq = alert["id"].partition("-")
             if seq.isdigit():
                 self._seq[day] = max(self._seq.get(day, 0), int(seq))
+            last_seq = max(last_seq, int(alert.get("last_seq", 0)))
             req = alert.get("request", {})
             if req.get("sender") and req.get("identifier"):
                 self._dedupe.setdefault((req["sender"], req["identifier"]), alert["id"])
+        self.engine.resume_seq(last_seq)
         now_wall = time.time()
         for active in await self._journal.load_active():
             doc = active.doc
@@ -349,7 +381,9 @@ class Daemon:
         head = payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
         if not head.startswith(b"<"):
             return parse_json_alert(payload)
-        cap = parse_cap(payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s)
+        cap = parse_cap(
+            payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s
+        )
         # Updates and cancels are matched on (sender, identifier), as CAP's references name them.
         refs = [f"{r.sender},{r.identifier}" for r in cap.references]
         return cap.request.model_copy(update={"references": refs, "sender": cap.sender})
@@ -439,6 +473,7 @@ class Daemon:
             "expires_at": run.accepted_at + (run.expires - run.started),
             "final": not run.active,
             "counts": dict(run.counts),
+            "last_seq": self.engine.last_seq,
             "source": run.source,
             "actor": run.actor,
             "reason": run.reason,
@@ -454,6 +489,11 @@ class Daemon:
                 if live.state == "online" and now - live.last_seen > silent_after_s:
                     live.state = "unknown"
                     log.info("terminal.silent", terminal=code, silent_s=round(now - live.last_seen))
+            for room, master in self.serial_masters.items():
+                village = self.district.village(room)
+                if not master.connected and village is not None:
+                    self.engine.mark_unknown([t.code for t in village.terminals])
+            self.metrics.serial_link.set(sum(1 for m in self.serial_masters.values() if m.connected))
             counts = self.engine.liveness_counts()
             for state, n in counts.items():
                 self.metrics.terminals.labels(state).set(n)

@@ -34,6 +34,9 @@ from ebcd.tiers.terminal import Terminal
 
 log = structlog.get_logger("ebcd.engine")
 
+SEQ_MODULO = 2**32  # command sequence numbers are u32 on every link
+SEQ_RESTART_MARGIN = 100_000  # commands that may have gone out after the last journalled one
+
 
 class Transport(Protocol):
     """A link kind that can carry commands to terminals."""
@@ -74,7 +77,7 @@ class Engine:
     _poke: asyncio.Event = field(default_factory=asyncio.Event)
     _dirty: set[str] = field(default_factory=set)
     _watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = field(default_factory=dict)
-    _seq: int = field(default_factory=lambda: int(time.time() * 1000))
+    _seq: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         for t in self.district.terminals():
@@ -256,8 +259,17 @@ class Engine:
 
     # -- commands ----------------------------------------------------------------------------
     def _next_seq(self) -> int:
-        self._seq += 1
+        self._seq = (self._seq + 1) % SEQ_MODULO
         return self._seq
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last command sent."""
+        return self._seq
+
+    def resume_seq(self, last: int) -> None:
+        """Continue command sequence numbers after `last` (from the journal), never going back."""
+        self._seq = max(self._seq, min(last + SEQ_RESTART_MARGIN, SEQ_MODULO - 1))
 
     def _play(self, run: AlertRun, now: float) -> PlayCommand:
         r = run.request

@@ -18,6 +18,7 @@ from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import plan
 from simulators.mqtt_fleet import MqttFleet
+from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 log = structlog.get_logger("ebcd.simulator")
 
@@ -42,6 +43,7 @@ def run_simulators(
     seed: int,
     play_time_s: float | None,
     faults_report: Path | None,
+    bus_faults: str = "",
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     terminals = select(district, only)
@@ -62,19 +64,45 @@ def run_simulators(
         heartbeat_interval_s=config.simulator.heartbeat_interval_s,
         connect_concurrency=config.simulator.connect_concurrency,
     )
-    asyncio.run(_run(fleet))
+    faults_on_bus = BusFaults.parse(bus_faults) if bus_faults else BusFaults()
+    play_time = config.simulator.play_time_s if play_time_s is None else play_time_s
+    chosen = {t.code for t in terminals}
+    buses = []
+    for village in district.villages():
+        on_bus = {t.code: t.bus_address or 0 for t in village.terminals if t.code in chosen}
+        if village.link == "serial" and village.port and on_bus:
+            bus = SerialBusSimulator(
+                on_bus,
+                baudrate=config.serial.baudrate,
+                play_time_s=play_time,
+                faults=faults_on_bus,
+                seed=seed,
+            )
+            buses.append((village.port, bus))
+    asyncio.run(_run(fleet, buses))
     return 0
 
 
-async def _run(fleet: MqttFleet) -> None:
+async def _run(fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]]) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for port, bus in buses:
+        Path(port).parent.mkdir(parents=True, exist_ok=True)
+        await bus.start_pty(link=port)
+    if buses:
+        log.info(
+            "simulator.serial_buses", buses=len(buses), terminals=sum(len(b.terminals) for _, b in buses)
+        )
     task = asyncio.create_task(fleet.run(), name="fleet")
-    await stop.wait()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _, bus in buses:
+            await bus.close()
     log.info("simulator.stopped", plays=sum(fleet.plays().values()))

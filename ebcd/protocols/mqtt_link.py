@@ -210,7 +210,7 @@ class MqttLink:
             await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_TIMEOUT_S)
         except (TimeoutError, aiomqtt.MqttError) as e:
             self._log.info("mqtt.disconnect_forced", error=str(e) or type(e).__name__)
-            sock = client._client.socket()  # noqa: SLF001  (paho's public socket() on aiomqtt's client)
+            sock = client._client.socket()
             if sock is not None:
                 sock.close()
 
