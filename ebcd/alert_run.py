@@ -77,6 +77,7 @@ class AlertRun:
     settled_at: float | None = None
     rng: random.Random = field(default_factory=random.Random)
     counts: dict[str, int] = field(default_factory=dict)
+    left: dict[str, Delivery] = field(default_factory=dict)  # terminals an update took out of the area
 
     def __post_init__(self) -> None:
         self.recount()
@@ -154,9 +155,9 @@ class AlertRun:
         return wake
 
     def on_report(self, report: TerminalReport, now: float) -> bool:
-        """Apply a terminal's report; return True if the alert's figures changed."""
+        """Apply a terminal's report of the current revision; True if the alert's figures changed."""
         d = self.deliveries.get(report.terminal)
-        if d is None:
+        if d is None or report.revision != self.revision:
             return False
         before = d.bucket
         if report.status is AckStatus.REFUSED:
@@ -176,10 +177,36 @@ class AlertRun:
         self._moved(before, d)
         return changed
 
+    def revise(self, request: AlertRequest, terminals: list[str], now: float) -> list[str]:
+        """Apply an update: new content and area; return the terminals to stop (they left the area)."""
+        keep = set(terminals)
+        to_stop = []
+        for code in [c for c in self.deliveries if c not in keep]:
+            d = self.deliveries.pop(code)
+            if d.state in (DState.SENT, DState.UNCERTAIN, DState.ACKNOWLEDGED):
+                to_stop.append(code)
+            if d.state not in (DState.EXPIRED, DState.CANCELLED):
+                d.to(DState.CANCELLED, now, f"left the alert's area in revision {self.revision + 1}")
+            self.left[code] = d
+        why = f"updated to revision {self.revision + 1}"
+        for code in terminals:
+            kept = self.deliveries.get(code)
+            if kept is None:
+                self.deliveries[code] = Delivery(code)
+            else:
+                kept.renew(now, why)
+        self.revision += 1
+        self.request = request
+        self.expires = now + request.ttl_s
+        self.state = AlertState.DISPATCHING
+        self.settled_at = None
+        self.recount()
+        return to_stop
+
     def end(self, state: AlertState, now: float, why: str) -> list[str]:
         """Cancel or expire the alert; return the terminals that should be told to stop."""
         to_stop = []
-        target = DState.CANCELLED if state is AlertState.CANCELLED else DState.EXPIRED
+        target = DState.EXPIRED if state is AlertState.EXPIRED else DState.CANCELLED
         for d in self.deliveries.values():
             before = d.bucket
             if d.state in (DState.PENDING, DState.SENT, DState.UNCERTAIN):

@@ -294,6 +294,18 @@ def alert_approve(
         typer.echo(f"{alert_id} {state['state']}")
 
 
+@alert_app.command("reject")
+def alert_reject(
+    alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Reject an alert that waits for manual review: it is never broadcast."""
+    state = _ask(_client(state_dir, config), "reject", id=alert_id)["state"]
+    if as_json:
+        _print_json(state)
+    else:
+        typer.echo(f"{alert_id} {state['state']}")
+
+
 @app.command()
 def report(
     alert_id: str,

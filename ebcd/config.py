@@ -94,6 +94,20 @@ class SerialConfig(_Strict):
     poll_interval_s: float = Field(default=30.0, gt=0)
 
 
+class ReviewConfig(_Strict):
+    """Manual review (人工审核): which accepted alerts wait for `ebcd alert approve`."""
+
+    levels: list[int] = Field(default_factory=list)  # e.g. [1, 2]: red and orange alerts wait
+    senders: list[str] = Field(default_factory=list)  # upstream senders whose alerts wait
+    sources: list[Literal["mqtt", "cli"]] = Field(default_factory=list)  # every alert from these waits
+
+    def holds(self, level: int, sender: str | None, source: str) -> bool:
+        """True if an alert with these properties must wait for a duty officer's approval."""
+        return (
+            level in self.levels or (sender is not None and sender in self.senders) or source in self.sources
+        )
+
+
 class DaemonConfig(_Strict):
     """Where the daemon keeps its journal and socket, and serves metrics."""
 
@@ -119,6 +133,7 @@ class Config(_Strict):
     mqtt: MqttConfig = MqttConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     serial: SerialConfig = SerialConfig()
+    review: ReviewConfig = ReviewConfig()
     daemon: DaemonConfig = DaemonConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     base_dir: Path = Path()

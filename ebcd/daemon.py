@@ -37,6 +37,7 @@ from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will
 from ebcd.protocols.serial_link import SerialBusMaster
 from ebcd.store import Journal, JournalError, NullJournal
 from ebcd.tiers.district import District
+from ebcd.tiers.terminal import Terminal
 from ebcd.transport import MqttTransport, SerialTransport
 
 log = structlog.get_logger("ebcd.daemon")
@@ -390,15 +391,54 @@ class Daemon:
 
     async def submit(self, request: AlertRequest, *, source: str, actor: str) -> AlertRun:
         """Accept an alert (or an update or cancel of one) durably, or raise IngestError."""
-        if request.msg_type is MsgType.CANCEL:
-            return await self._cancel_referenced(request, actor)
-        if request.msg_type is MsgType.UPDATE:
-            raise IngestError(Reason.UNSUPPORTED, "updates are not supported yet", request.identifier)
         key = (request.sender, request.identifier) if request.sender and request.identifier else None
         if key and key in self._dedupe:
             raise IngestError(
                 Reason.DUPLICATE, f"already accepted as alert {self._dedupe[key]}", request.identifier
             )
+        if request.msg_type is MsgType.CANCEL:
+            run = await self._cancel_referenced(request, actor)
+        elif request.msg_type is MsgType.UPDATE:
+            run = await self._update_referenced(request)
+        else:
+            run = await self._accept(request, source=source, actor=actor, key=key)
+            return run
+        if key:  # an update or cancel is itself a message that must not be applied twice
+            self._dedupe[key] = run.id
+            await self._save(run, key)
+        return run
+
+    async def _accept(
+        self, request: AlertRequest, *, source: str, actor: str, key: tuple[str, str] | None
+    ) -> AlertRun:
+        terminals = self._resolve(request)
+        alert_id, ebmid = self._next_id()
+        hold = self.config.review.holds(request.level, request.sender, source)
+        run = self.engine.accept(
+            request, terminals, alert_id=alert_id, ebmid=ebmid, hold=True, accepted_at=time.time()
+        )
+        run.source, run.actor = source, actor
+        try:
+            await self._save(run, key)
+        except IngestError:
+            del self.engine.runs[alert_id]
+            raise
+        if key:
+            self._dedupe[key] = alert_id
+        if hold:
+            log.info(
+                "alert.awaiting_approval",
+                alert_id=alert_id,
+                level=request.level,
+                sender=request.sender,
+                source=source,
+            )
+        else:
+            self.engine.approve(alert_id)
+        self.metrics.alerts.labels(str(request.level), source).inc()
+        return run
+
+    def _resolve(self, request: AlertRequest) -> tuple[Terminal, ...]:
         resolution = self.district.resolve(request.targets)
         if resolution.unknown:
             raise IngestError(
@@ -412,41 +452,56 @@ class Daemon:
                 "the targets select no terminal of the district",
                 request.identifier,
             )
-        alert_id, ebmid = self._next_id()
-        now_wall = time.time()
-        run = self.engine.accept(
-            request, resolution.terminals, alert_id=alert_id, ebmid=ebmid, hold=True, accepted_at=now_wall
-        )
+        return resolution.terminals
+
+    async def _save(self, run: AlertRun, key: tuple[str, str] | None) -> None:
+        assert self._journal is not None  # noqa: S101
         try:
-            assert self._journal is not None  # noqa: S101
-            run.source, run.actor = source, actor
-            await self._journal.save_alert(alert_id, self._alert_doc(run), dedupe_key=key)
+            await self._journal.save_alert(run.id, self._alert_doc(run), dedupe_key=key)
         except JournalError as e:
-            del self.engine.runs[alert_id]
             raise IngestError(
-                Reason.JOURNAL, f"could not journal the alert: {e}", request.identifier
+                Reason.JOURNAL, f"could not journal the alert: {e}", run.request.identifier
             ) from None
-        if key:
-            self._dedupe[key] = alert_id
-        self.engine.approve(alert_id)
-        self.metrics.alerts.labels(str(request.level), source).inc()
+
+    async def _update_referenced(self, request: AlertRequest) -> AlertRun:
+        run = self._referenced(request)
+        old = run.request
+        merged = request.model_copy(
+            update={
+                "msg_type": MsgType.ALERT,
+                "targets": request.targets or old.targets,
+                "text": request.text or old.text,
+                "identifier": old.identifier,
+                "sender": old.sender,
+            }
+        )
+        terminals = self._resolve(merged)
+        if self.engine.update(run.id, merged, terminals) is None:
+            raise IngestError(
+                Reason.UNKNOWN_REFERENCE,
+                f"alert {run.id} cannot be updated ({run.state.value})",
+                request.identifier,
+            )
         return run
 
-    async def _cancel_referenced(self, request: AlertRequest, actor: str) -> AlertRun:
+    def _referenced(self, request: AlertRequest) -> AlertRun:
         for ref in request.references:
             alert_id = self._resolve_reference(ref)
-            if alert_id is not None:
-                run = self.engine.cancel(alert_id, f"cancelled by {actor}")
-                if run is None:
-                    raise IngestError(
-                        Reason.UNKNOWN_REFERENCE, f"alert {alert_id} has already ended", request.identifier
-                    )
-                return run
+            if alert_id is not None and alert_id in self.engine.runs:
+                return self.engine.runs[alert_id]
         raise IngestError(
-            Reason.UNKNOWN_REFERENCE,
-            f"no active alert matches references {request.references}",
-            request.identifier,
+            Reason.UNKNOWN_REFERENCE, f"no alert matches references {request.references}", request.identifier
         )
+
+    async def _cancel_referenced(self, request: AlertRequest, actor: str) -> AlertRun:
+        run = self._referenced(request)
+        if self.engine.cancel(run.id, f"cancelled by {actor}") is None:
+            raise IngestError(
+                Reason.UNKNOWN_REFERENCE,
+                f"alert {run.id} has already ended ({run.state.value})",
+                request.identifier,
+            )
+        return run
 
     def _resolve_reference(self, ref: str) -> str | None:
         if ref in self.engine.runs:
@@ -504,7 +559,7 @@ class Daemon:
         self, req: dict[str, Any], peer: Peer
     ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         op = req["op"]
-        if op in ("send", "cancel", "approve"):
+        if op in ("send", "cancel", "approve", "reject"):
             log.info("control.command", op=op, user=peer.user, uid=peer.uid, pid=peer.pid)
             if self._journal is not None:
                 await self._journal.record_audit(peer.user, op, {k: v for k, v in req.items() if k != "op"})
@@ -536,6 +591,11 @@ class Daemon:
                 raise ControlError(
                     "not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})"
                 )
+            return {"state": run.state_doc(self.district, self.engine.clock())}
+        if op == "reject":
+            run = self._run(req)
+            if self.engine.cancel(run.id, f"rejected in review by {peer.user}", AlertState.REJECTED) is None:
+                raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
             return {"state": run.state_doc(self.district, self.engine.clock())}
         if op == "watch":
             return self._watch(self._run(req))

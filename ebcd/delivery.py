@@ -10,7 +10,8 @@ capped, jittered backoff while attempts remain and the alert lives; a late ackno
 upgrades it at any time. When the alert's time to live ends, whatever was never acknowledged
 becomes EXPIRED; when the alert is cancelled, it becomes CANCELLED. A terminal that comes back
 online re-opens its UNCERTAIN or EXPIRED-before-TTL delivery (back to PENDING) so it still gets
-every alert active in its scope.
+every alert active in its scope. An update of the alert re-opens every delivery it keeps (back
+to PENDING, attempts reset) so the terminal gets the new revision.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ class Progress(StrEnum):
 TRANSITIONS: dict[DState, frozenset[DState]] = {
     DState.PENDING: frozenset({DState.SENT, DState.CANCELLED, DState.EXPIRED}),
     DState.SENT: frozenset(
-        {DState.ACKNOWLEDGED, DState.REFUSED, DState.UNCERTAIN, DState.CANCELLED, DState.EXPIRED}
+        {
+            DState.ACKNOWLEDGED,
+            DState.REFUSED,
+            DState.UNCERTAIN,
+            DState.CANCELLED,
+            DState.EXPIRED,
+            DState.PENDING,
+        }
     ),
     DState.UNCERTAIN: frozenset(
         {DState.SENT, DState.ACKNOWLEDGED, DState.REFUSED, DState.CANCELLED, DState.EXPIRED, DState.PENDING}
     ),
     # progress (received -> playing -> done) stays ACKNOWLEDGED; a stop ends it CANCELLED
-    DState.ACKNOWLEDGED: frozenset({DState.ACKNOWLEDGED, DState.CANCELLED, DState.REFUSED}),
+    DState.ACKNOWLEDGED: frozenset({DState.ACKNOWLEDGED, DState.CANCELLED, DState.REFUSED, DState.PENDING}),
     DState.REFUSED: frozenset({DState.PENDING, DState.ACKNOWLEDGED}),
     DState.EXPIRED: frozenset(),
     DState.CANCELLED: frozenset(),
@@ -155,6 +163,16 @@ class Delivery:
         """The ack timer ran out: uncertain, retried at `retry_at` unless None."""
         self.to(DState.UNCERTAIN, now, f"no acknowledgement after attempt {self.attempts}")
         self.retry_at = retry_at
+
+    def renew(self, now: float, why: str) -> bool:
+        """The alert was updated: deliver its new revision (from any state an update keeps)."""
+        if self.state in (DState.PENDING, DState.EXPIRED, DState.CANCELLED):
+            return False
+        self.to(DState.PENDING, now, why)
+        self.attempts = 0
+        self.progress = None
+        self.acked_at = None
+        return True
 
     def reopen(self, now: float, why: str) -> bool:
         """The terminal came back: send again if it never acknowledged."""

@@ -134,11 +134,42 @@ class Engine:
         self._poke.set()
         return run
 
+    def update(self, alert_id: str, request: AlertRequest, terminals: Sequence[Terminal]) -> AlertRun | None:
+        """Apply an update: stop the terminals that left the area, send the new revision to the rest."""
+        run = self.runs.get(alert_id)
+        if run is None or not run.active or run.state is AlertState.PENDING_APPROVAL:
+            return None
+        now = self.clock()
+        stop = StopCommand(
+            run.id, run.ebmid, run.revision, self._next_seq(), "left the alert's area", time.time()
+        )
+        before = {t: d.state for t, d in run.deliveries.items()}
+        to_stop = run.revise(request, [t.code for t in terminals], now)
+        kept = {t: s for t, s in before.items() if t in run.deliveries}
+        self._after_transitions(run, kept, now)
+        for code in before.keys() - kept.keys():
+            if self.record_transition is not None:
+                self.record_transition(run.id, code, run.left[code].state.value, run.left[code].cause, now)
+        if to_stop:
+            self._send(run, stop, to_stop, first=False)
+        self._mark(run)
+        self._poke.set()
+        log.info(
+            "alert.updated",
+            alert_id=alert_id,
+            revision=run.revision,
+            targets=len(run.deliveries),
+            stopped=len(to_stop),
+        )
+        return run
+
     def cancel(self, alert_id: str, why: str, state: AlertState = AlertState.CANCELLED) -> AlertRun | None:
         """End an alert: stop every terminal that has it, end its open deliveries."""
         run = self.runs.get(alert_id)
         if run is None or not run.active:
             return None
+        if state is AlertState.REJECTED and run.state is not AlertState.PENDING_APPROVAL:
+            return None  # only an alert still in review can be rejected
         now = self.clock()
         before = {t: d.state for t, d in run.deliveries.items()}
         to_stop = run.end(state, now, why)
@@ -158,6 +189,9 @@ class Engine:
             log.debug("report.unmatched", alert_id=report.alert_id, terminal=report.terminal)
             return
         if report.status is AckStatus.STOPPED:
+            return
+        if report.revision != run.revision:
+            self.metrics.unexpected.labels("stale_revision").inc()
             return
         now = self.clock()
         d = run.deliveries[report.terminal]

@@ -102,9 +102,12 @@ async def settle(daemon: Daemon, alert_id: str, timeout_s: float = 60) -> dict[s
 
 @contextlib.asynccontextmanager
 async def mqtt_client(
-    host: str, port: int, *topics: str
+    host: str, port: int, *topics: str, retained: bool = False
 ) -> AsyncIterator[tuple[aiomqtt.Client, list[tuple[str, Any]]]]:
-    """An observer client collecting every message on `topics` as (topic, JSON) pairs."""
+    """An observer collecting messages on `topics` as (topic, JSON) pairs; retained ones only if asked.
+
+    Tests share one broker, so a retained alert state of an earlier test would otherwise show up here.
+    """
     seen: list[tuple[str, Any]] = []
     async with aiomqtt.Client(host, port) as client:
         for t in topics:
@@ -112,6 +115,8 @@ async def mqtt_client(
 
         async def collect() -> None:
             async for m in client.messages:
+                if m.retain and not retained:
+                    continue
                 try:
                     body = json.loads(m.payload if isinstance(m.payload, bytes | str) else b"")
                 except ValueError:
