@@ -401,8 +401,7 @@ class Daemon:
         elif request.msg_type is MsgType.UPDATE:
             run = await self._update_referenced(request)
         else:
-            run = await self._accept(request, source=source, actor=actor, key=key)
-            return run
+            return await self._accept(request, source=source, actor=actor, key=key)
         if key:  # an update or cancel is itself a message that must not be applied twice
             self._dedupe[key] = run.id
             await self._save(run, key)

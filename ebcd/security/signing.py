@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -90,22 +90,6 @@ class SignatureError(SecurityError):
     """A signature block that is malformed, names a key not trusted, or does not verify."""
 
     def __init__(self, reason: SignatureFailure, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class ReplayReason(StrEnum):
-    """Why the replay guard refused a command."""
-
-    STALE = "stale"
-    REPLAYED = "replayed"
-
-
-class ReplayError(SecurityError):
-    """A command the replay guard refused: `stale` (time outside the window) or `replayed`."""
-
-    def __init__(self, reason: ReplayReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -169,6 +153,8 @@ class VerifyingKey(Protocol):
 
     def verify_raw(self, message: bytes, signature: bytes) -> bool: ...
 
+    def file_text(self, serial: str) -> str: ...
+
 
 class SigningKey(Protocol):
     """A private key of one scheme: makes 64-byte raw signatures."""
@@ -180,11 +166,14 @@ class SigningKey(Protocol):
 
     def public_key(self) -> VerifyingKey: ...
 
+    def file_text(self, serial: str) -> str: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Sm2VerifyingKey:
     """An SM2 public key: the curve point x‖y (64 bytes), checked to lie on the curve."""
 
+    scheme: ClassVar[Scheme] = "sm2"
     xy: bytes
 
     def __post_init__(self) -> None:
@@ -193,11 +182,6 @@ class Sm2VerifyingKey:
         x, y = int.from_bytes(self.xy[:32]), int.from_bytes(self.xy[32:])
         if not (x < SM2_P and y < SM2_P and (y * y - x * x * x - SM2_A * x - SM2_B) % SM2_P == 0):
             raise ValueError("SM2 public key is not a point of the SM2 curve")
-
-    @property
-    def scheme(self) -> Scheme:
-        """Always "sm2"."""
-        return "sm2"
 
     def verify_raw(self, message: bytes, signature: bytes) -> bool:
         """Whether `signature` (r‖s) is this key's SM2 signature of `message`."""
@@ -211,11 +195,16 @@ class Sm2VerifyingKey:
         except (TypeError, ValueError):  # gmssl fails at the point at infinity instead of saying no
             return False
 
+    def file_text(self, serial: str) -> str:
+        """The public key file (JSON)."""
+        return _sm2_json(serial, "public", public_key=self.xy.hex())
+
 
 @dataclass(frozen=True, slots=True)
 class Sm2SigningKey:
     """An SM2 private key d (1 ≤ d ≤ n-2) and its public key."""
 
+    scheme: ClassVar[Scheme] = "sm2"
     d: int
     public: Sm2VerifyingKey
 
@@ -235,11 +224,6 @@ class Sm2SigningKey:
         """A new key pair from the operating system's CSPRNG."""
         return cls.from_scalar(secrets.randbelow(SM2_N - 2) + 1)
 
-    @property
-    def scheme(self) -> Scheme:
-        """Always "sm2"."""
-        return "sm2"
-
     def public_key(self) -> Sm2VerifyingKey:
         """The matching public key."""
         return self.public
@@ -251,6 +235,10 @@ class Sm2SigningKey:
             if rs is not None:
                 return rs
 
+    def file_text(self, serial: str) -> str:
+        """The private key file (JSON)."""
+        return _sm2_json(serial, "private", public_key=self.public.xy.hex(), private_key=f"{self.d:064x}")
+
     def sign_with_nonce(self, message: bytes, k: int) -> bytes | None:
         """r‖s with nonce k, or None if k is unusable: for known-answer tests only (a known k leaks d)."""
         rs = _gmssl(f"{self.d:064x}", self.public.xy.hex()).sign_with_sm3(message, f"{k:064x}")
@@ -261,12 +249,8 @@ class Sm2SigningKey:
 class Ed25519VerifyingKey:
     """An Ed25519 public key (cryptography)."""
 
+    scheme: ClassVar[Scheme] = "ed25519"
     key: ed25519.Ed25519PublicKey
-
-    @property
-    def scheme(self) -> Scheme:
-        """Always "ed25519"."""
-        return "ed25519"
 
     def verify_raw(self, message: bytes, signature: bytes) -> bool:
         """Whether `signature` is this key's Ed25519 signature of `message`."""
@@ -276,22 +260,25 @@ class Ed25519VerifyingKey:
             return False
         return True
 
+    def file_text(self, serial: str) -> str:
+        """The public key file (PEM SubjectPublicKeyInfo after the ebcd lines)."""
+        pem = self.key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return _pem_text(serial, pem)
+
 
 @dataclass(frozen=True, slots=True)
 class Ed25519SigningKey:
     """An Ed25519 private key (cryptography)."""
 
+    scheme: ClassVar[Scheme] = "ed25519"
     key: ed25519.Ed25519PrivateKey
 
     @classmethod
     def generate(cls) -> Ed25519SigningKey:
         """A new key from the operating system's CSPRNG."""
         return cls(ed25519.Ed25519PrivateKey.generate())
-
-    @property
-    def scheme(self) -> Scheme:
-        """Always "ed25519"."""
-        return "ed25519"
 
     def public_key(self) -> Ed25519VerifyingKey:
         """The matching public key."""
@@ -300,6 +287,13 @@ class Ed25519SigningKey:
     def sign_raw(self, message: bytes) -> bytes:
         """The 64-byte Ed25519 signature of `message`."""
         return self.key.sign(message)
+
+    def file_text(self, serial: str) -> str:
+        """The private key file (PEM PKCS#8 after the ebcd lines)."""
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return _pem_text(serial, pem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,8 +304,7 @@ class Signer:
     serial: str
 
     def __post_init__(self) -> None:
-        if key_serial(self.serial) != self.serial:
-            raise ValueError(f"key serial {self.serial!r} is not {KEY_SERIAL_DIGITS} decimal digits")
+        object.__setattr__(self, "serial", key_serial(self.serial))  # "42" -> "000000000042"
 
     @property
     def scheme(self) -> Scheme:
@@ -382,9 +375,9 @@ def check_scheme(scheme: str) -> Scheme:
 
 def load_signer(path: str | os.PathLike[str], scheme: str) -> Signer:
     """The signer of a private key file; KeyFileError naming the path, the problem and the fix."""
-    path = Path(path)
+    path, scheme = Path(path), check_scheme(scheme)
     text = _read_key_file(path, private=True)
-    if check_scheme(scheme) == "sm2":
+    if scheme == "sm2":
         doc = _parse_sm2(path, text, "private")
         if doc.private_key is None:
             raise KeyFileError(f"{path}: SM2 private key file has no private_key")
@@ -408,9 +401,9 @@ def load_signer(path: str | os.PathLike[str], scheme: str) -> Signer:
 
 def load_verifier(path: str | os.PathLike[str], scheme: str) -> Verifier:
     """A verifier trusting the public key of a key file; KeyFileError naming the path and the problem."""
-    path = Path(path)
+    path, scheme = Path(path), check_scheme(scheme)
     text = _read_key_file(path, private=False)
-    if check_scheme(scheme) == "sm2":
+    if scheme == "sm2":
         doc = _parse_sm2(path, text, "public")
         return Verifier({doc.serial: _sm2_public(path, doc.public_key)})
     serial = _pem_serial(path, text)
@@ -423,9 +416,7 @@ def load_verifier(path: str | os.PathLike[str], scheme: str) -> Verifier:
     return Verifier({serial: Ed25519VerifyingKey(pem)})
 
 
-def generate_keypair(
-    directory: str | os.PathLike[str], scheme: str, serial: int | str
-) -> tuple[Path, Path]:
+def generate_keypair(directory: str | os.PathLike[str], scheme: str, serial: int | str) -> tuple[Path, Path]:
     """New `{scheme}-{serial}.key` (mode 0600) and `.pub` (0644) in `directory`; never overwrites."""
     scheme = check_scheme(scheme)
     serial = key_serial(serial)
@@ -438,40 +429,17 @@ def generate_keypair(
         raise KeyFileError(f"{directory}: cannot create the key directory: {exc.strerror}") from None
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
-            raise KeyFileError(f"{path} exists; refusing to overwrite a key: move it away or pick another serial")
-    if scheme == "sm2":
-        sm2_key = Sm2SigningKey.generate()
-        private_text = _sm2_text(serial, sm2_key.public.xy, sm2_key.d)
-        public_text = _sm2_text(serial, sm2_key.public.xy, None)
-    else:
-        ed_key = Ed25519SigningKey.generate()
-        private_text = _pem_text(
-            serial,
-            ed_key.key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
-        public_text = _pem_text(
-            serial,
-            ed_key.key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-        )
-    _write_new(private_path, private_text, PRIVATE_KEY_MODE)
-    _write_new(public_path, public_text, PUBLIC_KEY_MODE)
+            raise KeyFileError(
+                f"{path} exists; refusing to overwrite a key: move it away or pick another serial"
+            )
+    key: SigningKey = Sm2SigningKey.generate() if scheme == "sm2" else Ed25519SigningKey.generate()
+    _write_new(private_path, key.file_text(serial), PRIVATE_KEY_MODE)
+    _write_new(public_path, key.public_key().file_text(serial), PUBLIC_KEY_MODE)
     return private_path, public_path
 
 
-def _sm2_text(serial: str, xy: bytes, d: int | None) -> str:
-    doc: dict[str, Any] = {
-        "ebcd_key": KEY_FILE_VERSION,
-        "scheme": "sm2",
-        "kind": "public" if d is None else "private",
-        "serial": serial,
-        "public_key": xy.hex(),
-    }
-    if d is not None:
-        doc["private_key"] = f"{d:064x}"
+def _sm2_json(serial: str, kind: str, **keys: str) -> str:
+    doc = {"ebcd_key": KEY_FILE_VERSION, "scheme": "sm2", "kind": kind, "serial": serial, **keys}
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -499,9 +467,9 @@ def _read_key_file(path: Path, *, private: bool) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot open the key file: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        mode = stat.S_IMODE(st.st_mode)
+    try:
+        st = os.fstat(fd)
+        mode, me = stat.S_IMODE(st.st_mode), os.geteuid()
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
         if private and mode & 0o077:
@@ -509,17 +477,19 @@ def _read_key_file(path: Path, *, private: bool) -> str:
                 f"{path}: private key file has mode {mode:04o}, open to group or others; "
                 f"run `chmod 600 {path}`"
             )
-        if private and st.st_uid != os.geteuid():
+        if private and st.st_uid != me:
             raise KeyFileError(
-                f"{path}: private key file is owned by uid {st.st_uid}, not by uid {os.geteuid()} "
-                f"reading it; run `chown {os.geteuid()} {path}` or run ebcd as its owner"
+                f"{path}: private key file is owned by uid {st.st_uid}, not by uid {me} reading it; "
+                f"run `chown {me} {path}`"
             )
         if not private and mode & 0o022:
             raise KeyFileError(
-                f"{path}: public key file has mode {mode:04o}, so group or others can replace the key; "
+                f"{path}: public key file has mode {mode:04o}, writable by group or others; "
                 f"run `chmod 644 {path}`"
             )
-        data = f.read(MAX_KEY_FILE_BYTES + 1)
+        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)  # a regular file: short reads only at its end
+    finally:
+        os.close(fd)
     if len(data) > MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE_BYTES} bytes, not a key file")
     try:
@@ -550,7 +520,7 @@ def _sm2_public(path: Path, public_hex: str) -> Sm2VerifyingKey:
 
 def _pem_serial(path: Path, text: str) -> str:
     head = text.split("-----BEGIN", 1)[0]
-    fields = {name: value for name, value in _PEM_HEADER.findall(head)}
+    fields = dict(_PEM_HEADER.findall(head))
     if "-----BEGIN" not in text:
         hint = " (it looks like JSON: an sm2 key?)" if text.lstrip().startswith("{") else ""
         raise KeyFileError(f"{path}: not a PEM file{hint}")
