@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -32,3 +34,19 @@ def setup(level: str = "info", *, json: bool | None = None, stream: object = Non
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out)  # type: ignore[arg-type]
     for noisy in ("amqtt", "transitions", "passlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def log_tasks() -> None:
+    """Log every asyncio task and the chain of awaits it waits in (what is a wedged process doing)."""
+    log = structlog.get_logger("ebcd.tasks")
+    for task in asyncio.all_tasks():
+        where: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(where) < 12:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                where.append(
+                    f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+                )
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        log.warning("process.task", task=task.get_name(), done=task.done(), where=where)

@@ -189,10 +189,7 @@ class MqttLink:
                     self._client = None
                     await self._disconnect(client)
             except aiomqtt.MqttError as e:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # aiomqtt may turn a cancelled disconnect into MqttError: stay cancelled
-                    raise asyncio.CancelledError from e
+                _stay_cancelled(e)
                 failures += 1
                 delay = min(self._reconnect[1], self._reconnect[0] * 2 ** min(failures - 1, 16))
                 delay *= rng.uniform(0.5, 1.0)
@@ -248,14 +245,28 @@ class MqttLink:
             handler(message.topic.value, data, message.retain, message.properties)
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                # aiomqtt awaits PUBACKs with asyncio.wait_for, which on Python 3.11 can swallow a
+                # cancellation that lands as the PUBACK arrives; honour it here or never stop
+                raise asyncio.CancelledError
             msg = await self._queue.get()
             try:
                 await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=10)
             except aiomqtt.MqttError as e:
+                _stay_cancelled(e)
                 self._drop(f"publish failed: {e}", msg.topic)
             finally:
                 self._queue.task_done()
+
+
+def _stay_cancelled(error: aiomqtt.MqttError) -> None:
+    """Re-raise CancelledError if the task is being cancelled: aiomqtt reports a publish or a
+    disconnect cut short by a cancellation as MqttError, which would otherwise swallow it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
 
 
 async def wait_connected(link: MqttLink, timeout_s: float) -> bool:
