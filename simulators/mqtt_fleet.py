@@ -13,11 +13,14 @@ from ebcd.protocols import mqtt_codec
 from ebcd.protocols.messages import Liveness, TerminalPresence
 from ebcd.protocols.mqtt_codec import CodecError, Topics
 from ebcd.protocols.mqtt_link import MqttLink, Will
+from ebcd.security.replay import REPLAY_WINDOW_S
+from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from ebcd.transport import group_topics_of
 from simulators.faults import Fault, FaultPlan
-from simulators.terminal import Step, TerminalBehaviour
+from simulators.serial_bus import SerialBusSimulator
+from simulators.terminal import CachingVerifier, CommandCheck, Step, TerminalBehaviour
 
 log = structlog.get_logger("ebcd.simulator")
 
@@ -42,6 +45,7 @@ class SimTerminal:
         self.behaviour = behaviour
         self.topics = Topics(district.code)
         self.session = session_base
+        self._timers: dict[tuple[str, int], list[asyncio.TimerHandle]] = {}
         subs = [self.topics.terminal_cmd(terminal.code)]
         subs += [self.topics.group_cmd(room) for room in group_topics_of(district, terminal)]
         self.link = MqttLink(
@@ -87,14 +91,20 @@ class SimTerminal:
             return
         key = (cmd.alert_id, cmd.revision)
         played_before = self.behaviour.plays[key]
+        current_before = self.behaviour.current
         steps = self.behaviour.on_command(cmd, retained=retain)
+        if current_before is not None and self.behaviour.current != current_before:
+            for handle in self._timers.pop(current_before, []):  # replaced or stopped: no 'done' for it
+                handle.cancel()
         if self.behaviour.plays[key] > played_before:
             log.info(
                 "terminal.played", terminal=self.terminal.code, alert_id=cmd.alert_id, revision=cmd.revision
             )
         loop = asyncio.get_running_loop()
+        handles = self._timers.setdefault(key, [])
+        handles[:] = [h for h in handles if not h.cancelled()]
         for step in steps:
-            loop.call_later(step.delay_s, self._send, step)
+            handles.append(loop.call_later(step.delay_s, self._send, step))
 
     def _send(self, step: Step) -> None:
         self.link.enqueue(self.topics.report(self.terminal.code), mqtt_codec.encode_report(step.report))
@@ -114,29 +124,42 @@ class MqttFleet:
         play_time_s: float,
         heartbeat_interval_s: float,
         connect_concurrency: int = 50,
+        verifier: Verifier | None = None,
+        replay_window_s: float = REPLAY_WINDOW_S,
     ) -> None:
         self.district = district
         self.plan = plan
         self.heartbeat_interval_s = heartbeat_interval_s
         self.connect_concurrency = connect_concurrency
         session_base = int(time.time() * 1000) % (2**40)
+        shared = CachingVerifier(verifier) if verifier is not None else None
+
+        def check() -> CommandCheck | None:
+            return CommandCheck(shared, window_s=replay_window_s) if shared is not None else None
+
         self.terminals = [
             SimTerminal(
                 district,
                 t,
                 host,
                 port,
-                TerminalBehaviour(t.code, play_time_s, plan.of(t.code)),
+                TerminalBehaviour(t.code, play_time_s, plan.of(t.code), check=check()),
                 session_base=session_base,
             )
             for t in terminals
         ]
         self.by_code = {s.terminal.code: s for s in self.terminals}
+        self.buses: list[SerialBusSimulator] = []  # serial buses run beside the fleet, for reports
         self.started = asyncio.Event()
 
     def plays(self) -> dict[tuple[str, str, int], int]:
-        """(terminal, alert, revision) -> times played."""
-        return {(s.terminal.code, a, r): n for s in self.terminals for (a, r), n in s.behaviour.plays.items()}
+        """(terminal, alert, revision) -> times played, on MQTT and on the serial buses beside."""
+        out = {(s.terminal.code, a, r): n for s in self.terminals for (a, r), n in s.behaviour.plays.items()}
+        for bus in self.buses:
+            for p in bus.plays:
+                key = (p.terminal, p.alert_id, p.revision)
+                out[key] = out.get(key, 0) + 1
+        return out
 
     async def run(self) -> None:
         """Connect every terminal (a few at a time), keep them alive, until cancelled."""

@@ -14,6 +14,8 @@ import structlog
 
 from ebcd.alert import parse_target
 from ebcd.config import Config, parse_broker_url
+from ebcd.log import log_tasks
+from ebcd.security.bench import verifier_from
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import plan
@@ -54,6 +56,8 @@ def run_simulators(
         log.info("simulator.faults", fault=fault, terminals=len(codes))
     host, port, _tls = parse_broker_url(broker or config.mqtt.broker)
     mqtt_terms = [t for t in terminals if t.link == "mqtt"]
+    sec = config.security
+    verifier = None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
     fleet = MqttFleet(
         district,
         mqtt_terms,
@@ -63,6 +67,8 @@ def run_simulators(
         play_time_s=config.simulator.play_time_s if play_time_s is None else play_time_s,
         heartbeat_interval_s=config.simulator.heartbeat_interval_s,
         connect_concurrency=config.simulator.connect_concurrency,
+        verifier=verifier,
+        replay_window_s=sec.replay_window_s,
     )
     faults_on_bus = BusFaults.parse(bus_faults) if bus_faults else BusFaults()
     play_time = config.simulator.play_time_s if play_time_s is None else play_time_s
@@ -85,6 +91,7 @@ def run_simulators(
 
 async def _run(fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]]) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, log_tasks)  # `kill -USR2`: every task
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,7 +23,7 @@ import random
 import signal
 import tty
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -42,8 +42,12 @@ from ebcd.protocols.frame import (
     Query,
     ResultStatus,
     TerminalState,
+    body_command,
     encode_frame,
 )
+from ebcd.security.replay import REPLAY_WINDOW_S
+from ebcd.security.signing import Verifier
+from simulators.terminal import DUPLICATE, CachingVerifier, CommandCheck
 
 log = structlog.get_logger("simulators.serial_bus")
 
@@ -112,8 +116,11 @@ class _Task:
 class SimulatedTerminal:
     """One terminal: plays each (alert id, revision) once, answers queries and heartbeats."""
 
-    def __init__(self, code: str, address: int, *, play_time_s: float = 0.0) -> None:
+    def __init__(
+        self, code: str, address: int, *, play_time_s: float = 0.0, check: CommandCheck | None = None
+    ) -> None:
         self.code = code
+        self.check = check  # None: obeys unsigned commands (a bench without keys)
         self.address = address
         self.play_time_s = play_time_s
         self.plays: list[PlayRecord] = []
@@ -133,6 +140,14 @@ class SimulatedTerminal:
         if self.code not in frame.targets or frame.frame_type is not FrameType.REQUEST:
             return None
         body = frame.body
+        if isinstance(body, BroadcastStart | BroadcastStop) and self.check is not None:
+            cmd = replace(body_command(body, frame.targets), signature=frame.signature or b"")
+            verdict = self.check(cmd, handled=(body.alert_id, body.revision) in self._tasks)
+            if verdict is not None and verdict != DUPLICATE:
+                self._log.warning("sim.refused", alert_id=body.alert_id, revision=body.revision, why=verdict)
+                if isinstance(body, BroadcastStart) and (body.alert_id, body.revision) not in self._tasks:
+                    self._tasks[(body.alert_id, body.revision)] = _Task(body, now, refused=verdict)
+                return None
         if isinstance(body, BroadcastStart):
             self._start(body, now)
         elif isinstance(body, BroadcastStop):
@@ -170,7 +185,7 @@ class SimulatedTerminal:
 
     def _start(self, start: BroadcastStart, now: float) -> None:
         key = (start.alert_id, start.revision)
-        if key in self._tasks:
+        if key in self._tasks and self._tasks[key].refused is None:
             self._log.debug("sim.duplicate_start", alert_id=start.alert_id, revision=start.revision)
             return
         task = _Task(start, now)
@@ -211,9 +226,17 @@ class SerialBusSimulator:
         faults: BusFaults | None = None,
         seed: int | None = None,
         record_frames: bool = False,
+        verifier: Verifier | None = None,
+        replay_window_s: float = REPLAY_WINDOW_S,
     ) -> None:
+        shared = CachingVerifier(verifier) if verifier is not None else None
         self.terminals = {
-            code: SimulatedTerminal(code, address, play_time_s=play_time_s)
+            code: SimulatedTerminal(
+                code,
+                address,
+                play_time_s=play_time_s,
+                check=CommandCheck(shared, window_s=replay_window_s) if shared is not None else None,
+            )
             for code, address in terminals.items()
         }
         self.baudrate = baudrate

@@ -50,6 +50,8 @@ class PlayCommand:
     test: bool = False
     issued_at: float = 0.0
     targets: tuple[str, ...] = ()
+    resume: bool = False  # play again after a pre-emption, although this (alert, revision) was played
+    signature: bytes = b""  # the 74-byte block over the command's canonical bytes (ebcd.security)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class StopCommand:
     reason: str
     issued_at: float = 0.0
     targets: tuple[str, ...] = ()
+    signature: bytes = b""
 
 
 Command = PlayCommand | StopCommand

@@ -118,6 +118,8 @@ class _PlayWire(_Wire):
     test: bool = False
     issued: float = 0.0
     targets: tuple[str, ...] = ()
+    resume: bool = False
+    sig: str = Field(default="", max_length=512, pattern=r"^([0-9a-fA-F]{2})*$")
 
 
 class _StopWire(_Wire):
@@ -130,6 +132,7 @@ class _StopWire(_Wire):
     reason: str = Field(max_length=200)
     issued: float = 0.0
     targets: tuple[str, ...] = ()
+    sig: str = Field(default="", max_length=512, pattern=r"^([0-9a-fA-F]{2})*$")
 
 
 class _ReportWire(_Wire):
@@ -156,44 +159,41 @@ def _load(payload: bytes) -> Any:
         raise CodecError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         return json.loads(payload)
+    except RecursionError:
+        raise CodecError("not JSON: nesting too deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CodecError(f"not JSON: {e}") from None
 
 
 def encode_command(cmd: Command) -> bytes:
     """A command as the bytes of its MQTT payload."""
-    if isinstance(cmd, PlayCommand):
+    common: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "alert": cmd.alert_id,
+        "ebmid": cmd.ebmid,
+        "rev": cmd.revision,
+        "seq": cmd.seq,
+    }
+    if cmd.signature:
+        common["sig"] = cmd.signature.hex()
+    if isinstance(cmd, StopCommand):
         return _dump(
             {
-                "v": PROTOCOL_VERSION,
-                "op": "play",
-                "alert": cmd.alert_id,
-                "ebmid": cmd.ebmid,
-                "rev": cmd.revision,
-                "seq": cmd.seq,
-                "level": cmd.level,
-                "event": cmd.event_type,
-                "text": cmd.text,
-                "ttl_s": round(cmd.ttl_s, 3),
-                "volume": cmd.volume,
-                "test": cmd.test,
+                **common,
+                "op": "stop",
+                "reason": cmd.reason,
                 "issued": cmd.issued_at,
                 "targets": list(cmd.targets),
             }
         )
-    return _dump(
-        {
-            "v": PROTOCOL_VERSION,
-            "op": "stop",
-            "alert": cmd.alert_id,
-            "ebmid": cmd.ebmid,
-            "rev": cmd.revision,
-            "seq": cmd.seq,
-            "reason": cmd.reason,
-            "issued": cmd.issued_at,
-            "targets": list(cmd.targets),
-        }
-    )
+    play: dict[str, Any] = {
+        **common, "op": "play", "level": cmd.level, "event": cmd.event_type, "text": cmd.text,
+        "ttl_s": round(cmd.ttl_s, 3), "volume": cmd.volume, "test": cmd.test, "issued": cmd.issued_at,
+        "targets": list(cmd.targets),
+    }  # fmt: skip
+    if cmd.resume:
+        play["resume"] = True
+    return _dump(play)
 
 
 def decode_command(payload: bytes) -> Command:
@@ -216,10 +216,14 @@ def decode_command(payload: bytes) -> Command:
                 p.test,
                 p.issued,
                 p.targets,
+                p.resume,
+                bytes.fromhex(p.sig),
             )
         if op == "stop":
             s = _StopWire.model_validate(raw)
-            return StopCommand(s.alert, s.ebmid, s.rev, s.seq, s.reason, s.issued, s.targets)
+            return StopCommand(
+                s.alert, s.ebmid, s.rev, s.seq, s.reason, s.issued, s.targets, bytes.fromhex(s.sig)
+            )
     except ValidationError as e:
         raise CodecError(_first_error(e)) from None
     raise CodecError(f"unknown op {op!r}")

@@ -136,6 +136,7 @@ class _Job:
     done: asyncio.Future[DispatchOutcome]
     unknown: tuple[str, ...]
     ttl_s: float
+    signature: bytes | None = None  # the command's signature block, carried in every frame of it
     sent: bool = False
     reports: dict[str, AckStatus] = field(default_factory=dict)
     unanswered: list[str] = field(default_factory=list)
@@ -265,7 +266,7 @@ class SerialBusMaster:
         )
         loop = asyncio.get_running_loop()
         ttl_s = cmd.ttl_s if isinstance(cmd, PlayCommand) else 0.0
-        job = _Job(body, deque(known), loop.create_future(), unknown, ttl_s)
+        job = _Job(body, deque(known), loop.create_future(), unknown, ttl_s, cmd.signature or None)
         if not known:
             return job.outcome()
         self._jobs.append(job)
@@ -349,7 +350,7 @@ class SerialBusMaster:
                 kind=body.business_type.name.lower(),
                 terminals=len(job.remaining),
             )
-            await self._send_unanswered(body, list(job.remaining))
+            await self._send_unanswered(body, list(job.remaining), job.signature)
             job.sent = True
         while job.remaining:
             code = job.remaining[0]
@@ -379,7 +380,7 @@ class SerialBusMaster:
             )
             if not accepted:
                 tlog.info("serial.resend", status=result.status.name.lower())
-                await self._send_unanswered(body, [terminal.code])
+                await self._send_unanswered(body, [terminal.code], job.signature)
                 continue
             report = result_report(terminal.code, result)
             if report is not None:
@@ -482,11 +483,16 @@ class SerialBusMaster:
         await asyncio.sleep(self._gap_s)
         return reply
 
-    async def _send_unanswered(self, body: BroadcastStart | BroadcastStop, codes: list[str]) -> None:
-        per_frame = max_targets_per_frame(len(encode_body(body)))
+    async def _send_unanswered(
+        self, body: BroadcastStart | BroadcastStop, codes: list[str], signature: bytes | None = None
+    ) -> None:
+        per_frame = max_targets_per_frame(
+            len(encode_body(body)), None if signature is None else len(signature)
+        )
         for start in range(0, len(codes), per_frame):
             targets = tuple(codes[start : start + per_frame])
-            data = encode_frame(Frame(self._source, targets, body, session=self._next_session()))
+            frame = Frame(self._source, targets, body, session=self._next_session(), signature=signature)
+            data = encode_frame(frame)
             self._write(data)
             await asyncio.sleep(self.airtime_s(len(data)) + self._gap_s)
 

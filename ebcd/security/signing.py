@@ -12,9 +12,10 @@ trust the time only when the message carries it too (`ebcd.security.replay.canon
 does). The serial picks the key; a block whose serial the verifier does not trust is refused.
 
 SM2 is GB/T 32918 with SM3 (GB/T 32905): e = SM3(Z_A ‖ M), Z_A over the default user id
-1234567812345678. gmssl is pure Python and not constant-time (sign ≈ 16 ms, verify ≈ 32 ms):
-sign a broadcast once, never once per terminal. gmssl draws its own nonce from `random`, so this
-module always hands it one from `secrets`, and range-checks r and s, which gmssl does not.
+1234567812345678. gmssl is pure Python and not constant-time (sign 8–16 ms, verify 12–32 ms,
+see bench/signing.py): sign a broadcast once, never once per terminal. gmssl draws its own nonce
+from `random`, so this module always hands it one from `secrets`; it also range-checks r and s,
+which gmssl does not, and sets gmssl's public key itself (CryptSM2 mangles keys starting 04).
 
 Key files. Private ones must be mode 0600 or 0400 and owned by the user reading them; public
 ones must not be writable by group or others.

@@ -1,0 +1,143 @@
+"""Terminals obey only ebcd: unsigned, wrongly signed, replayed and stale commands are refused,
+over MQTT and over serial, and the reason shows in the alert's report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ebcd.alert import AlertRequest, parse_target
+from ebcd.config import Config
+from ebcd.delivery import DState
+from ebcd.protocols import mqtt_codec
+from ebcd.protocols.messages import PlayCommand
+from ebcd.protocols.mqtt_codec import Topics
+from ebcd.security.bench import bench_signer
+from ebcd.security.replay import quantize_command, sign_command
+from ebcd.security.signing import Ed25519SigningKey, Signer
+from ebcd.tiers.district import District
+from tests.conftest import Mosquitto, fast_config
+from tests.helpers import mqtt_client, running_daemon, running_fleet, settle, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _alert(target: str) -> AlertRequest:
+    return AlertRequest(
+        level=2, event_type="11B03", targets=[parse_target(target)], text="暴雨橙色预警", ttl_s=600
+    )
+
+
+def _causes(report: dict[str, object]) -> set[str]:
+    return {p["cause"] for p in report["problems"]}  # type: ignore[index, union-attr]
+
+
+def _config(shipped: Config, scheme: str = "ed25519") -> Config:
+    config = fast_config(shipped, ack_timeout_s=2.0, max_attempts=1)
+    return config.model_copy(update={"security": config.security.model_copy(update={"scheme": scheme})})
+
+
+async def test_wrongly_signed_commands_are_refused_on_both_links(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    mqtt_village = next(v for v in district.villages() if v.link == "mqtt")
+    serial_village = next(v for v in district.villages() if v.link == "serial")
+    stranger = Signer(Ed25519SigningKey.generate(), "000000000077").verifier()  # trusts another key
+    config = _config(shipped_config)
+    terminals = mqtt_village.terminals + serial_village.terminals
+    async with (
+        running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
+        running_fleet(
+            config, district, terminals, mosquitto.host, mosquitto.port, verifier=stranger
+        ) as fleet,
+    ):
+        run = await daemon.submit(
+            _alert(f"village:{mqtt_village.code}").model_copy(
+                update={
+                    "targets": [parse_target(f"village:{v.code}") for v in (mqtt_village, serial_village)]
+                }
+            ),
+            source="test",
+            actor="pytest",
+        )
+        state = await settle(daemon, run.id, timeout_s=30)
+        assert (state["state"], state["acked"]) == ("partial", 0)
+        assert all(d.state is DState.REFUSED for d in run.deliveries.values())
+        report = daemon._report(run)
+        assert _causes(report) == {"signature: unknown_key"}
+        assert {p["terminal"] for p in report["problems"]} == {t.code for t in terminals}
+        assert not fleet.plays()  # nothing played
+
+
+async def test_unsigned_commands_are_refused(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    village = next(v for v in district.villages() if v.link == "serial")
+    config = _config(shipped_config, scheme="none")  # the daemon does not sign; the terminals insist
+    async with (
+        running_fleet(
+            config,
+            district,
+            village.terminals,
+            mosquitto.host,
+            mosquitto.port,
+            verifier=bench_signer("ed25519").verifier(),
+        ) as fleet,
+        running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
+    ):
+        run = await daemon.submit(_alert(f"village:{village.code}"), source="test", actor="pytest")
+        await settle(daemon, run.id, timeout_s=30)
+        assert _causes(daemon._report(run)) == {"unsigned"}
+        assert not fleet.plays()
+
+
+async def test_replayed_and_stale_commands_are_refused_and_reported(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    village = next(v for v in district.villages() if v.link == "mqtt")
+    codes = {t.code for t in village.terminals}
+    config = _config(shipped_config)
+    topics = Topics(district.code)
+    async with (
+        running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
+        running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port) as fleet,
+        mqtt_client(mosquitto.host, mosquitto.port, topics.group_cmd(village.code)) as (client, seen),
+    ):
+        run = await daemon.submit(_alert(f"village:{village.code}"), source="test", actor="pytest")
+        assert (await settle(daemon, run.id))["state"] == "completed"  # signed by ebcd: obeyed
+        await wait_for(lambda: bool(seen), 5)
+        captured = next(body for _t, body in seen if body and body.get("op") == "play")
+
+        # stale: a correctly signed command issued an hour ago, for the live alert
+        old = quantize_command(
+            PlayCommand(
+                run.id,
+                run.ebmid,
+                1,
+                daemon.engine.last_seq + 10,
+                1,
+                "11B03",
+                "伪造",
+                600.0,
+                issued_at=time.time() - 3600,
+            )
+        )
+        stale = replace(old, signature=sign_command(bench_signer("ed25519"), old))
+        await client.publish(topics.group_cmd(village.code), mqtt_codec.encode_command(stale), qos=1)
+        await wait_for(lambda: {t for t, c in run.refusals if c == "stale"} == codes, 10)
+
+        # replayed: ebcd's own command, captured off the broker, sent again after the alert was cancelled
+        daemon.engine.cancel(run.id, "over")
+        await wait_for(lambda: all(run.id in s.behaviour.stopped for s in fleet.terminals), 10)
+        await client.publish(topics.group_cmd(village.code), json.dumps(captured).encode(), qos=1)
+        await wait_for(lambda: {t for t, c in run.refusals if c == "replayed"} == codes, 10)
+        report = daemon._report(run)
+        assert {r["cause"] for r in report["refusals"]} == {"stale", "replayed"}
+        assert all(n == 1 for n in fleet.plays().values())  # nothing played twice
+        assert all(d.state is DState.CANCELLED for d in run.deliveries.values())
+        await asyncio.sleep(0)
