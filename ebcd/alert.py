@@ -7,6 +7,7 @@ daemon resolves its targets against the topology and hands it to the delivery en
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -35,6 +36,19 @@ class Origin(StrEnum):
     DISTRICT = "district"
     TOWN = "town"
     VILLAGE = "village"
+
+
+TIER_RANK = {Origin.DISTRICT: 3, Origin.TOWN: 2, Origin.VILLAGE: 1}
+
+
+def rank(request: AlertRequest, order: Sequence[str]) -> tuple[int, ...]:
+    """The request's priority as a tuple (higher wins), by the configured `order` of criteria."""
+    keys = {
+        "emergency": 1 if request.event_type.startswith("1") else 0,
+        "tier": TIER_RANK[request.origin],
+        "level": 5 - request.level,
+    }
+    return tuple(keys[k] for k in order)
 
 
 class CodeTarget(BaseModel):
@@ -127,7 +141,18 @@ class AlertRequest(BaseModel):
     ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0, le=MAX_TTL_S)
     volume: int = Field(default=0xFF, ge=0, le=0xFF)
     origin: Origin = Origin.DISTRICT
+    origin_room: str | None = Field(default=None, pattern=r"^\d{23}$")  # the town or village room speaking
     language: str | None = None
+
+    @field_validator("references", "language")
+    @classmethod
+    def _unicode_text(cls, v: list[str] | str | None) -> list[str] | str | None:
+        for text in [v] if isinstance(v, str) else v or []:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode text (a lone surrogate)") from None
+        return v
 
     @field_validator("event_type")
     @classmethod
@@ -138,6 +163,8 @@ class AlertRequest(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> AlertRequest:
+        if (self.origin is Origin.DISTRICT) != (self.origin_room is None):
+            raise ValueError("a town or village broadcast names its origin_room; a district one does not")
         if self.msg_type is MsgType.ALERT:
             if not self.targets:
                 raise ValueError("an alert needs at least one target")

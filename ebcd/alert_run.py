@@ -78,6 +78,7 @@ class AlertRun:
     rng: random.Random = field(default_factory=random.Random)
     counts: dict[str, int] = field(default_factory=dict)
     left: dict[str, Delivery] = field(default_factory=dict)  # terminals an update took out of the area
+    refusals: list[tuple[str, str]] = field(default_factory=list)  # (terminal, cause) of every refusal heard
 
     def __post_init__(self) -> None:
         self.recount()
@@ -167,6 +168,26 @@ class AlertRun:
         self._moved(before, d)
         return changed
 
+    def preempt(self, terminal: str, now: float, by: str, *, end: bool) -> bool:
+        """Another alert took the terminal: pre-empted (to resume later) or, if `end`, cancelled."""
+        d = self.deliveries[terminal]
+        before = d.bucket
+        changed = d.preempt(now, by)
+        if changed and end:
+            d.to(DState.CANCELLED, now, f"ended: pre-empted by alert {by}")
+        self._moved(before, d)
+        return changed
+
+    def resume(self, terminal: str, now: float) -> bool:
+        """The terminal is free: play this alert on it again."""
+        d = self.deliveries.get(terminal)
+        if d is None or not self.active:
+            return False
+        before = d.bucket
+        changed = d.resume(now)
+        self._moved(before, d)
+        return changed
+
     def reopen(self, terminal: str, now: float, why: str) -> bool:
         """A terminal came back: send again if it has not acknowledged; True if reopened."""
         d = self.deliveries.get(terminal)
@@ -209,8 +230,8 @@ class AlertRun:
         target = DState.EXPIRED if state is AlertState.EXPIRED else DState.CANCELLED
         for d in self.deliveries.values():
             before = d.bucket
-            if d.state in (DState.PENDING, DState.SENT, DState.UNCERTAIN):
-                if d.state is not DState.PENDING:
+            if d.state in (DState.PENDING, DState.SENT, DState.UNCERTAIN, DState.PREEMPTED):
+                if d.state in (DState.SENT, DState.UNCERTAIN):
                     to_stop.append(d.terminal)
                 d.to(target, now, why)
             elif d.state is DState.ACKNOWLEDGED and state is AlertState.CANCELLED:

@@ -29,6 +29,8 @@ frame_app = typer.Typer(no_args_is_help=True, help="Serial frames, for field eng
 app.add_typer(alert_app, name="alert")
 app.add_typer(topology_app, name="topology")
 app.add_typer(frame_app, name="frame")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys for commands to terminals.")
+app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="config file (default: the shipped district)")
@@ -194,7 +196,12 @@ def alert_send(
     text: Annotated[str, typer.Option(help="what the loudspeakers say")],
     test: Annotated[bool, typer.Option("--test", help="a test broadcast")] = False,
     ttl: Annotated[float | None, typer.Option(help="time to live, seconds")] = None,
-    volume: Annotated[int | None, typer.Option(help="1-100 %")] = None,
+    volume: Annotated[
+        int | None, typer.Option(help="0 mute, 1-100 %, 255 leaves the terminal's volume as it is")
+    ] = None,
+    origin: Annotated[
+        str | None, typer.Option(help="town:CODE or village:CODE when a room broadcasts to its own area")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")] = False,
     as_json: JsonOpt = False,
     state_dir: StateDirOpt = None,
@@ -217,6 +224,9 @@ def alert_send(
             req["ttl_s"] = ttl
         if volume is not None:
             req["volume"] = volume
+        if origin is not None:
+            tier, _, room = origin.partition(":")
+            req["origin"], req["origin_room"] = tier, room
         request = AlertRequest.model_validate(req)
     except ValueError as e:
         raise _fail(f"refused: {_one_line(e)}") from None
@@ -412,3 +422,20 @@ def frame_decode(
         typer.echo(line)
     ok = desc.valid
     raise typer.Exit(EXIT_OK if ok else EXIT_REFUSED)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="folder for the key pair (created 0700)")],
+    scheme: Annotated[str, typer.Option(help="ed25519 (fast) or sm2 (the field's scheme)")] = "ed25519",
+    serial: Annotated[str, typer.Option(help="the key's certificate serial, up to 12 digits")] = "1",
+) -> None:
+    """Make a key pair: the private key (0600) for [security] private_key, the public one for terminals."""
+    from ebcd.security.signing import SecurityError, generate_keypair
+
+    try:
+        private, public = generate_keypair(out, scheme, serial)
+    except (SecurityError, ValueError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"private key {private}  (ebcd.toml [security] private_key; keep it 0600, owned by ebcd)")
+    typer.echo(f"public key  {public}  (terminals, and [security] public_key for the simulators)")

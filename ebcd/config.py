@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ebcd.codes import CodeError, ResourceCode, check_area_code
+from ebcd.schedule import TestBroadcastConfig
 
 
 class _Strict(BaseModel):
@@ -108,6 +109,24 @@ class ReviewConfig(_Strict):
         )
 
 
+class PriorityConfig(_Strict):
+    """Which broadcast a terminal plays when two want it, and what happens to the loser."""
+
+    # compared in this order, each higher wins: emergency (any 1xxxx event) over daily and test,
+    # a higher tier (district > town > village) over a lower, a more severe level over a less severe
+    order: tuple[Literal["emergency", "tier", "level"], ...] = ("emergency", "tier", "level")
+    preempted: Literal["resume", "end"] = "resume"
+
+
+class SecurityConfig(_Strict):
+    """How commands to terminals are signed, and how terminals check them."""
+
+    scheme: Literal["ed25519", "sm2", "none"] = "ed25519"
+    private_key: str = "bench"  # ebcd's signing key file (0600), or "bench": the published test-bench key
+    public_key: str = "bench"  # what terminals (and the simulators) verify with
+    replay_window_s: float = Field(default=300.0, gt=0)  # terminals refuse commands older than this
+
+
 class DaemonConfig(_Strict):
     """Where the daemon keeps its journal and socket, and serves metrics."""
 
@@ -134,6 +153,9 @@ class Config(_Strict):
     delivery: DeliveryConfig = DeliveryConfig()
     serial: SerialConfig = SerialConfig()
     review: ReviewConfig = ReviewConfig()
+    priority: PriorityConfig = PriorityConfig()
+    security: SecurityConfig = SecurityConfig()
+    test_broadcast: list[TestBroadcastConfig] = Field(default_factory=list)  # [[test_broadcast]] tables
     daemon: DaemonConfig = DaemonConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     base_dir: Path = Path()

@@ -9,12 +9,13 @@ The daemon learns the OS user of every request from the socket (SO_PEERCRED) for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,17 @@ async def serve(path: Path, handler: Handler, mode: int = 0o660) -> asyncio.Serv
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer)
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # a line over the reader's limit
+                    await _write(writer, {"ok": False, "error": "too_large", "message": "request too large"})
+                    return
+                if not line:
+                    return
                 await _answer(line, peer, handler, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        except ValueError:  # a line over the reader's limit
-            await _write(writer, {"ok": False, "error": "too_large", "message": "request too large"})
         finally:
             writer.close()
 
@@ -102,7 +108,7 @@ async def _answer(line: bytes, peer: Peer, handler: Handler, writer: asyncio.Str
     except ControlError as e:
         await _write(writer, {"ok": False, "error": e.code, "message": e.message, **e.extra})
         return
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         await _write(writer, {"ok": False, "error": "bad_request", "message": f"not JSON: {e}"})
         return
     if isinstance(answer, dict):
@@ -113,7 +119,11 @@ async def _answer(line: bytes, peer: Peer, handler: Handler, writer: asyncio.Str
 
 
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
-    writer.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+    try:
+        line = json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate from the request: escape it instead
+        line = json.dumps(obj).encode()
+    writer.write(line + b"\n")
     await writer.drain()
 
 
@@ -129,11 +139,12 @@ class ControlClient:
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request, return the one answer."""
-        async for answer in self.stream(op, **args):
-            return answer
+        async with contextlib.aclosing(self.stream(op, **args)) as answers:
+            async for answer in answers:
+                return answer
         raise NoDaemon(f"the daemon on {self.path} closed the connection without answering")
 
-    async def stream(self, op: str, **args: Any) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, op: str, **args: Any) -> AsyncGenerator[dict[str, Any]]:
         """Send one request, yield each answer line until the daemon closes or says `last`."""
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_REQUEST_BYTES)

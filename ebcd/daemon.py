@@ -12,7 +12,7 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from ebcd import __version__
-from ebcd.alert import AlertRequest, MsgType
+from ebcd.alert import AlertRequest, MsgType, Origin
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
 from ebcd.codes import ebmid as make_ebmid
 from ebcd.config import Config, parse_broker_url
@@ -35,14 +35,18 @@ from ebcd.protocols import mqtt_codec
 from ebcd.protocols.mqtt_codec import CodecError, Topics
 from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will
 from ebcd.protocols.serial_link import SerialBusMaster
+from ebcd.schedule import TestOutcome, due, previous_fire
+from ebcd.security.bench import BENCH, signer_from
 from ebcd.store import Journal, JournalError, NullJournal
 from ebcd.tiers.district import District
+from ebcd.tiers.rollup import Tally
 from ebcd.tiers.terminal import Terminal
 from ebcd.transport import MqttTransport, SerialTransport
 
 log = structlog.get_logger("ebcd.daemon")
 
 SHUTDOWN_GRACE_S = 10.0
+TEST_SCHEDULE_TICK_S = 1.0
 JOURNAL_TICK_S = 0.05  # delivery transitions reach the journal in one transaction per tick
 LIVENESS_SWEEP_S = 5.0
 
@@ -81,6 +85,8 @@ class Daemon:
         self._dedupe: dict[tuple[str, str], str] = {}
         self._docs_dirty: dict[str, dict[str, Any]] = {}
         self._transitions: list[tuple[str, str, str, str | None, float]] = []
+        self.wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.test_outcomes: dict[str, TestOutcome] = {}
         host, port, tls = parse_broker_url(self.broker)
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self.link = MqttLink(
@@ -104,6 +110,16 @@ class Daemon:
             on_state=self._on_link_state,
         )
         dc = config.delivery
+        sec = config.security
+        signer = None if sec.scheme == "none" else signer_from(sec.private_key, sec.scheme, config.base_dir)
+        if signer is None:
+            log.warning("security.unsigned_commands", hint="terminals that check signatures will refuse them")
+        elif sec.private_key == BENCH:
+            log.warning(
+                "security.bench_key",
+                scheme=sec.scheme,
+                hint="the published test-bench key: generate your own with ebcd keys generate",
+            )
         self.serial_masters = self._serial_masters()
         self.serial = SerialTransport(self.serial_masters, self.metrics)
         self.engine = Engine(
@@ -123,6 +139,9 @@ class Daemon:
             publish_state=self._publish_state,
             record_transition=self._record_transition,
             state_interval_s=dc.state_publish_interval_s,
+            priority_order=tuple(config.priority.order),
+            preempted_policy=config.priority.preempted,
+            signer=signer,
         )
 
     def _serial_masters(self) -> dict[str, SerialBusMaster]:
@@ -184,6 +203,7 @@ class Daemon:
                 tg.create_task(self._ingest_loop(), name="ingest")
                 tg.create_task(self._liveness_loop(), name="liveness")
                 tg.create_task(self._save_docs_loop(), name="journal-docs")
+                tg.create_task(self._test_schedule_loop(), name="test-broadcasts")
                 tg.create_task(self._stopper(server), name="stopper")
                 for room, master in self.serial_masters.items():
                     tg.create_task(master.run(), name=f"serial-bus-{room}")
@@ -316,6 +336,11 @@ class Daemon:
         if terminal is None:
             self.metrics.unexpected.labels("topic").inc()
             return
+        known = self.district.terminal(terminal)
+        if known is None or known.link != "mqtt":  # only IP/4G terminals speak for themselves over MQTT
+            self.metrics.unexpected.labels("not_an_mqtt_terminal").inc()
+            log.warning("terminal.not_on_mqtt", terminal=terminal, topic=topic)
+            return
         try:
             if topic.endswith("/report"):
                 self.engine.on_report(mqtt_codec.decode_report(terminal, payload))
@@ -411,6 +436,7 @@ class Daemon:
         self, request: AlertRequest, *, source: str, actor: str, key: tuple[str, str] | None
     ) -> AlertRun:
         terminals = self._resolve(request)
+        self._check_origin(request, terminals)
         alert_id, ebmid = self._next_id()
         hold = self.config.review.holds(request.level, request.sender, source)
         run = self.engine.accept(
@@ -452,6 +478,29 @@ class Daemon:
                 request.identifier,
             )
         return resolution.terminals
+
+    def _check_origin(self, request: AlertRequest, terminals: tuple[Terminal, ...]) -> None:
+        """A town or village room may broadcast to its own area only."""
+        room = request.origin_room
+        if room is None:
+            return
+        if request.origin is Origin.TOWN and self.district.town(room) is not None:
+            outside = [t.code for t in terminals if t.town != room]
+        elif request.origin is Origin.VILLAGE and self.district.village(room) is not None:
+            outside = [t.code for t in terminals if t.village != room]
+        else:
+            raise IngestError(
+                Reason.NOT_ALLOWED,
+                f"origin_room {room} is not a {request.origin.value} room",
+                request.identifier,
+            )
+        if outside:
+            raise IngestError(
+                Reason.NOT_ALLOWED,
+                f"a {request.origin.value} room may broadcast to its own area only; {len(outside)} target "
+                f"terminal(s) lie outside {room}, e.g. {outside[0]}",
+                request.identifier,
+            )
 
     async def _save(self, run: AlertRun, key: tuple[str, str] | None) -> None:
         assert self._journal is not None  # noqa: S101
@@ -533,6 +582,42 @@ class Daemon:
             "reason": run.reason,
         }
 
+    # -- scheduled test broadcasts ----------------------------------------------------------
+    async def _test_schedule_loop(self) -> None:
+        """Send each configured test broadcast when due; report the terminals that missed it."""
+        schedules = [s for s in self.config.test_broadcast if s.enabled]
+        last_fired = dict.fromkeys(range(len(schedules)), self.wall_clock())  # never fire on installation
+        watching: dict[str, datetime] = {}
+        while True:
+            now = self.wall_clock()
+            for i, spec in enumerate(schedules):
+                if not due(spec, last_fired[i], now):
+                    continue
+                last_fired[i] = now
+                try:
+                    run = await self.submit(
+                        spec.to_request(), source="schedule", actor=f"test_broadcast[{i}]"
+                    )
+                except IngestError as e:
+                    log.error("test_broadcast.refused", schedule=i, reason=e.reason.value, detail=e.detail)
+                    continue
+                watching[run.id] = previous_fire(spec, now)
+                log.info("test_broadcast.sent", alert_id=run.id, schedule=i, targets=len(run.deliveries))
+            for alert_id, slot in list(watching.items()):
+                run = self.engine.runs[alert_id]
+                if run.state in (AlertState.DISPATCHING, AlertState.PENDING_APPROVAL):
+                    continue
+                del watching[alert_id]
+                acked = [t for t, d in run.deliveries.items() if d.bucket == "acked"]
+                outcome = TestOutcome.of(alert_id, run.deliveries, acked, slot)
+                self.test_outcomes[alert_id] = outcome
+                self.metrics.missed_tests.set(len(outcome.missed))
+                if outcome.missed:
+                    log.warning("test_broadcast.missed", **outcome.to_log_fields())
+                else:
+                    log.info("test_broadcast.complete", **outcome.to_log_fields())
+            await asyncio.sleep(TEST_SCHEDULE_TICK_S)
+
     # -- liveness --------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
         silent_after_s = 3 * self.config.simulator.heartbeat_interval_s + 5
@@ -548,6 +633,13 @@ class Daemon:
                 if not master.connected and village is not None:
                     self.engine.mark_unknown([t.code for t in village.terminals])
             self.metrics.serial_link.set(sum(1 for m in self.serial_masters.values() if m.connected))
+            per_town: dict[tuple[str, str], int] = {}
+            for term in self.district.terminals():
+                key = (term.town, self.engine.liveness[term.code].state)
+                per_town[key] = per_town.get(key, 0) + 1
+            for town in self.district.towns:
+                for state in ("unknown", "online", "offline"):
+                    self.metrics.town_terminals.labels(town, state).set(per_town.get((town, state), 0))
             counts = self.engine.liveness_counts()
             for state, n in counts.items():
                 self.metrics.terminals.labels(state).set(n)
@@ -617,6 +709,8 @@ class Daemon:
             doc = run.state_doc(self.district, self.engine.clock())
             while True:
                 settled = run.state is not AlertState.DISPATCHING
+                if settled:  # a queued state may predate the change that settled the alert
+                    doc = run.state_doc(self.district, self.engine.clock())
                 yield {"state": doc, "more": not settled}
                 if settled:
                     return
@@ -631,7 +725,16 @@ class Daemon:
             tt = town.tally(buckets)
             if not tt.targets:
                 continue
-            villages = [
+            own = Tally()  # the terminals the town room drives itself, as a row of their own
+            for own_term in town.own_terminals:
+                if (bucket := buckets.get(own_term.code)) is not None:
+                    own.add(bucket)
+            own_row = (
+                [{"code": town.code, "name": f"{town.name}（镇直属）", **own.as_dict()}]
+                if own.targets
+                else []
+            )
+            villages = own_row + [
                 {"code": code, "name": town.villages[code].name, **t.as_dict()}
                 for code, t in town.village_tallies(buckets).items()
             ]
@@ -652,11 +755,21 @@ class Daemon:
                         else "unknown",
                     }
                 )
-        return {
+        report: dict[str, Any] = {
             "state": run.state_doc(self.district, self.engine.clock()),
             "towns": towns,
             "problems": problems,
         }
+        if run.refusals:  # every refusal heard, including refused forgeries and replays
+            report["refusals"] = [{"terminal": t, "cause": c} for t, c in run.refusals[-200:]]
+        outcome = self.test_outcomes.get(run.id)
+        if outcome is not None:  # a scheduled test: the expected terminals that did not acknowledge it
+            report["test"] = {
+                "missed": list(outcome.missed),
+                "acked": outcome.acked,
+                "targets": outcome.targets,
+            }
+        return report
 
     def _terminals(self) -> list[dict[str, Any]]:
         out = []

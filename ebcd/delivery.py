@@ -11,7 +11,9 @@ upgrades it at any time. When the alert's time to live ends, whatever was never 
 becomes EXPIRED; when the alert is cancelled, it becomes CANCELLED. A terminal that comes back
 online re-opens its UNCERTAIN or EXPIRED-before-TTL delivery (back to PENDING) so it still gets
 every alert active in its scope. An update of the alert re-opens every delivery it keeps (back
-to PENDING, attempts reset) so the terminal gets the new revision.
+to PENDING, attempts reset) so the terminal gets the new revision. A terminal plays one broadcast
+at a time: when a higher-priority alert takes it, this delivery is PREEMPTED; by policy it is
+resumed (back to PENDING, sent again with `resume`) when the terminal is free, or ended.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class DState(StrEnum):
     UNCERTAIN = "uncertain"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
 
 
 class Progress(StrEnum):
@@ -42,27 +45,20 @@ class Progress(StrEnum):
     STOPPED = "stopped"
 
 
+_S = DState
 TRANSITIONS: dict[DState, frozenset[DState]] = {
-    DState.PENDING: frozenset({DState.SENT, DState.CANCELLED, DState.EXPIRED}),
-    DState.SENT: frozenset(
-        {
-            DState.ACKNOWLEDGED,
-            DState.REFUSED,
-            DState.UNCERTAIN,
-            DState.CANCELLED,
-            DState.EXPIRED,
-            DState.PENDING,
-        }
-    ),
-    DState.UNCERTAIN: frozenset(
-        {DState.SENT, DState.ACKNOWLEDGED, DState.REFUSED, DState.CANCELLED, DState.EXPIRED, DState.PENDING}
-    ),
+    _S.PENDING: frozenset({_S.SENT, _S.CANCELLED, _S.EXPIRED}),
+    _S.SENT: frozenset(
+        {_S.ACKNOWLEDGED, _S.REFUSED, _S.UNCERTAIN, _S.CANCELLED, _S.EXPIRED, _S.PENDING, _S.PREEMPTED}),
+    _S.UNCERTAIN: frozenset(
+        {_S.SENT, _S.ACKNOWLEDGED, _S.REFUSED, _S.CANCELLED, _S.EXPIRED, _S.PENDING, _S.PREEMPTED}),
     # progress (received -> playing -> done) stays ACKNOWLEDGED; a stop ends it CANCELLED
-    DState.ACKNOWLEDGED: frozenset({DState.ACKNOWLEDGED, DState.CANCELLED, DState.REFUSED, DState.PENDING}),
-    DState.REFUSED: frozenset({DState.PENDING, DState.ACKNOWLEDGED}),
-    DState.EXPIRED: frozenset(),
-    DState.CANCELLED: frozenset(),
-}
+    _S.ACKNOWLEDGED: frozenset({_S.ACKNOWLEDGED, _S.CANCELLED, _S.REFUSED, _S.PENDING, _S.PREEMPTED}),
+    _S.REFUSED: frozenset({_S.PENDING, _S.ACKNOWLEDGED}),
+    _S.PREEMPTED: frozenset({_S.PENDING, _S.CANCELLED, _S.EXPIRED}),
+    _S.EXPIRED: frozenset(),
+    _S.CANCELLED: frozenset(),
+}  # fmt: skip
 
 # How each state counts in the alert state and coverage.
 BUCKET: dict[DState, str] = {
@@ -73,6 +69,7 @@ BUCKET: dict[DState, str] = {
     DState.UNCERTAIN: "uncertain",
     DState.EXPIRED: "failed",
     DState.CANCELLED: "failed",
+    DState.PREEMPTED: "pending",  # it will play again when the terminal is free (resume policy)
 }
 
 
@@ -106,6 +103,7 @@ class Delivery:
     deadline: float | None = None  # ack timer of the attempt in flight, monotonic seconds
     retry_at: float | None = None  # when an uncertain delivery is sent again
     acked_at: float | None = None
+    resuming: bool = False  # the next send resumes a pre-empted broadcast
     history: list[tuple[float, DState, str | None]] = field(default_factory=list)
 
     @property
@@ -116,7 +114,7 @@ class Delivery:
     @property
     def final(self) -> bool:
         """No timer or retry will move this delivery any more (a late ack still may)."""
-        if self.state in (DState.PENDING, DState.SENT):
+        if self.state in (DState.PENDING, DState.SENT, DState.PREEMPTED):
             return False
         return not (self.state is DState.UNCERTAIN and self.retry_at is not None)
 
@@ -148,6 +146,7 @@ class Delivery:
             return False  # e.g. an ack after the alert was cancelled or expired
         self.to(DState.ACKNOWLEDGED, now)
         self.progress = progress
+        self.resuming = False
         if self.acked_at is None:
             self.acked_at = now
         return True
@@ -172,6 +171,22 @@ class Delivery:
         self.attempts = 0
         self.progress = None
         self.acked_at = None
+        return True
+
+    def preempt(self, now: float, by: str) -> bool:
+        """A higher-priority alert took the terminal."""
+        if DState.PREEMPTED not in TRANSITIONS[self.state]:
+            return False
+        self.to(DState.PREEMPTED, now, f"pre-empted by alert {by}")
+        return True
+
+    def resume(self, now: float) -> bool:
+        """The terminal is free again: play this alert again."""
+        if self.state is not DState.PREEMPTED:
+            return False
+        self.to(DState.PENDING, now, "resumed after pre-emption")
+        self.attempts = 0
+        self.resuming = True
         return True
 
     def reopen(self, now: float, why: str) -> bool:

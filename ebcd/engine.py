@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from ebcd.alert import AlertRequest
+from ebcd.alert import AlertRequest, rank
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
-from ebcd.delivery import Delivery, DState
+from ebcd.delivery import Delivery, DState, Progress
 from ebcd.metrics import Metrics
 from ebcd.protocols.messages import (
     AckStatus,
@@ -29,11 +29,17 @@ from ebcd.protocols.messages import (
     TerminalPresence,
     TerminalReport,
 )
+from ebcd.security.replay import quantize_command, sign_command
+from ebcd.security.signing import Signer
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 
 log = structlog.get_logger("ebcd.engine")
 
+_C = TypeVar("_C", PlayCommand, StopCommand)
+# causes with which a terminal refuses a command it cannot trust (simulators.terminal.CommandCheck)
+SECURITY_REFUSALS = ("unsigned", "signature", "replayed", "stale")
+MAX_REFUSALS_KEPT = 1000  # per alert, for its report
 SEQ_MODULO = 2**32  # command sequence numbers are u32 on every link
 SEQ_RESTART_MARGIN = 100_000  # commands that may have gone out after the last journalled one
 
@@ -71,6 +77,9 @@ class Engine:
     publish_state: StatePublisher
     record_transition: TransitionSink | None = None
     state_interval_s: float = 0.25
+    priority_order: tuple[str, ...] = ("emergency", "tier", "level")
+    preempted_policy: str = "resume"  # or "end"
+    signer: Signer | None = None  # signs every command once, whatever the number of terminals
     clock: Callable[[], float] = time.monotonic
     runs: dict[str, AlertRun] = field(default_factory=dict)
     liveness: dict[str, TerminalLiveness] = field(default_factory=dict)
@@ -78,6 +87,8 @@ class Engine:
     _dirty: set[str] = field(default_factory=set)
     _watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = field(default_factory=dict)
     _seq: int = field(default_factory=lambda: int(time.time()))
+    # terminal -> the alert it plays now (a terminal plays one broadcast at a time)
+    holder: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for t in self.district.terminals():
@@ -140,9 +151,7 @@ class Engine:
         if run is None or not run.active or run.state is AlertState.PENDING_APPROVAL:
             return None
         now = self.clock()
-        stop = StopCommand(
-            run.id, run.ebmid, run.revision, self._next_seq(), "left the alert's area", time.time()
-        )
+        stop = self._stop(run, "left the alert's area")
         before = {t: d.state for t, d in run.deliveries.items()}
         to_stop = run.revise(request, [t.code for t in terminals], now)
         kept = {t: s for t, s in before.items() if t in run.deliveries}
@@ -152,6 +161,8 @@ class Engine:
                 self.record_transition(run.id, code, run.left[code].state.value, run.left[code].cause, now)
         if to_stop:
             self._send(run, stop, to_stop, first=False)
+        for code in run.left:
+            self._release(code, run.id)
         self._mark(run)
         self._poke.set()
         log.info(
@@ -174,6 +185,8 @@ class Engine:
         before = {t: d.state for t, d in run.deliveries.items()}
         to_stop = run.end(state, now, why)
         self._after_transitions(run, before, now)
+        for code in run.deliveries:
+            self._release(code, run.id)
         if to_stop:
             self._send(run, self._stop(run, why), to_stop, first=True)
         self._mark(run)
@@ -188,6 +201,8 @@ class Engine:
             self.metrics.unexpected.labels("report").inc()
             log.debug("report.unmatched", alert_id=report.alert_id, terminal=report.terminal)
             return
+        if report.status in (AckStatus.STOPPED, AckStatus.DONE):
+            self._release(report.terminal, run.id)
         if report.status is AckStatus.STOPPED:
             return
         if report.revision != run.revision:
@@ -196,6 +211,14 @@ class Engine:
         now = self.clock()
         d = run.deliveries[report.terminal]
         before = d.state
+        if report.status is AckStatus.REFUSED:
+            cause = report.cause or "refused"
+            run.refusals.append((report.terminal, cause))
+            del run.refusals[:-MAX_REFUSALS_KEPT]  # each one is also a log line
+            log.warning("terminal.refused", alert_id=run.id, terminal=report.terminal, cause=cause)
+            if before is DState.ACKNOWLEDGED and cause.startswith(SECURITY_REFUSALS):
+                self._mark(run)  # a forged or replayed copy was refused: the delivery itself stands
+                return
         first_ack = d.acked_at is None
         if not run.on_report(report, now):
             return
@@ -258,7 +281,7 @@ class Engine:
         while True:
             now = self.clock()
             wake = now + 60.0
-            for run in list(self.runs.values()):
+            for run in sorted(self.runs.values(), key=self._rank, reverse=True):
                 if run.active:
                     self._step(run, now)
                 if run.active and run.state is not AlertState.PENDING_APPROVAL:
@@ -267,8 +290,11 @@ class Engine:
                     wake = min(wake, run.expires)
             self._poke.clear()
             timeout = max(0.0, wake - self.clock())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and this loop would then outlive the daemon
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._poke.wait()
 
     def _step(self, run: AlertRun, now: float) -> None:
         if now >= run.expires:
@@ -278,18 +304,86 @@ class Engine:
             return
         before = {t: d.state for t, d in run.deliveries.items()}
         timed_out = run.check_timers(now, self.policy)
-        due = run.to_send(now)
+        due = self._claim(run, run.to_send(now), now)
         if due:
             retry = [t for t in due if run.deliveries[t].attempts > 0]
             for t in retry:
                 term = self.district.terminal(t)
                 self.metrics.retries.labels(term.link if term else "mqtt").inc()
+            resumed = [t for t in due if run.deliveries[t].resuming]
+            fresh = [t for t in due if not run.deliveries[t].resuming]
             run.mark_sent(due, now, self.policy)
-            self._send(run, self._play(run, now), due, first=not retry and len(due) == len(run.deliveries))
+            if fresh:
+                first = not retry and len(fresh) == len(run.deliveries)
+                self._send(run, self._play(run, now), fresh, first=first)
+            if resumed:
+                self._send(run, self._play(run, now, resume=True), resumed, first=False)
         if timed_out or due:
             self._after_transitions(run, before, now)
             run.settle(now)
             self._mark(run)
+
+    # -- one broadcast per terminal ---------------------------------------------------------
+    def _rank(self, run: AlertRun) -> tuple[int, ...]:
+        return rank(run.request, self.priority_order)
+
+    def _claim(self, run: AlertRun, due: list[str], now: float) -> list[str]:
+        """The due terminals this alert may play on now; pre-empts lower-priority holders."""
+        allowed = []
+        for code in due:
+            other = self._holding(code)
+            if other is not None and other is not run:
+                if self._rank(run) <= self._rank(other):
+                    run.deliveries[code].cause = f"waiting: the terminal plays alert {other.id}"
+                    continue  # stays pending until the terminal is free
+                self._preempt(other, code, run, now)
+            self.holder[code] = run.id
+            allowed.append(code)
+        return allowed
+
+    def _holding(self, code: str) -> AlertRun | None:
+        """The active alert that occupies a terminal (sent, unanswered or still playing), if any."""
+        alert_id = self.holder.get(code)
+        run = self.runs.get(alert_id) if alert_id else None
+        d = run.deliveries.get(code) if run else None
+        if run is None or d is None or not run.active or not _occupies(d):
+            self.holder.pop(code, None)
+            return None
+        return run
+
+    def _preempt(self, loser: AlertRun, code: str, winner: AlertRun, now: float) -> None:
+        before = {code: loser.deliveries[code].state}
+        if loser.preempt(code, now, winner.id, end=self.preempted_policy == "end"):
+            self._after_transitions(loser, before, now)
+            loser.settle(now)
+            self._mark(loser)
+            log.info(
+                "delivery.preempted",
+                alert_id=loser.id,
+                terminal=code,
+                by=winner.id,
+                policy=self.preempted_policy,
+            )
+
+    def _release(self, code: str, alert_id: str) -> None:
+        """`alert_id` no longer occupies the terminal: resume the best pre-empted alert on it."""
+        if self.holder.get(code) != alert_id:
+            return
+        del self.holder[code]
+        now = self.clock()
+        waiting = [
+            r
+            for r in self.runs.values()
+            if r.active and code in r.deliveries and r.deliveries[code].state is DState.PREEMPTED
+        ]
+        if waiting:
+            best = max(waiting, key=self._rank)
+            before = {code: best.deliveries[code].state}
+            if best.resume(code, now):
+                self._after_transitions(best, before, now)
+                best.settle(now)
+                self._mark(best)
+        self._poke.set()
 
     # -- commands ----------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -305,24 +399,35 @@ class Engine:
         """Continue command sequence numbers after `last` (from the journal), never going back."""
         self._seq = max(self._seq, min(last + SEQ_RESTART_MARGIN, SEQ_MODULO - 1))
 
-    def _play(self, run: AlertRun, now: float) -> PlayCommand:
+    def _play(self, run: AlertRun, now: float, *, resume: bool = False) -> PlayCommand:
         r = run.request
-        return PlayCommand(
-            alert_id=run.id,
-            ebmid=run.ebmid,
-            revision=run.revision,
-            seq=self._next_seq(),
-            level=r.level,
-            event_type=r.event_type,
-            text=r.text,
-            ttl_s=max(0.0, run.expires - now),
-            volume=r.volume,
-            test=r.test,
-            issued_at=time.time(),
+        return self._sign(
+            PlayCommand(
+                resume=resume,
+                alert_id=run.id,
+                ebmid=run.ebmid,
+                revision=run.revision,
+                seq=self._next_seq(),
+                level=r.level,
+                event_type=r.event_type,
+                text=r.text,
+                ttl_s=max(0.0, run.expires - now),
+                volume=r.volume,
+                test=r.test,
+                issued_at=time.time(),
+            )
         )
 
-    def _stop(self, run: AlertRun, why: str) -> StopCommand:
-        return StopCommand(run.id, run.ebmid, run.revision, self._next_seq(), why, time.time())
+    def _stop(self, run: AlertRun, why: str, revision: int | None = None) -> StopCommand:
+        rev = run.revision if revision is None else revision
+        return self._sign(StopCommand(run.id, run.ebmid, rev, self._next_seq(), why, time.time()))
+
+    def _sign(self, cmd: _C) -> _C:
+        """The command in the whole seconds every link carries, with its signature block if we sign."""
+        if self.signer is None:
+            return cmd
+        cmd = quantize_command(cmd)
+        return replace(cmd, signature=sign_command(self.signer, cmd))
 
     def _send(self, run: AlertRun, cmd: Command, codes: Sequence[str], *, first: bool) -> None:
         by_link: dict[str, list[Terminal]] = {}
@@ -408,6 +513,13 @@ class Engine:
         for live in self.liveness.values():
             out[live.state] += 1
         return out
+
+
+def _occupies(d: Delivery) -> bool:
+    """A delivery in flight or playing keeps its terminal busy; a finished one does not."""
+    if d.state in (DState.SENT, DState.UNCERTAIN):
+        return True
+    return d.state is DState.ACKNOWLEDGED and d.progress is not Progress.DONE
 
 
 _OUTCOME = {

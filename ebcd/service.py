@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
+import signal
 from pathlib import Path
 
 import structlog
 
+from ebcd import log as logsetup
 from ebcd import sdnotify
 from ebcd.config import Config
 from ebcd.daemon import Daemon
+from ebcd.security.signing import SecurityError
 from ebcd.tiers.district import District
 
 log = structlog.get_logger("ebcd.service")
@@ -36,9 +40,13 @@ def run_daemon(
             hint="run as the ebcd user, or pass --state-dir DIR",
         )
         return 1
-    daemon = Daemon(
-        config, district, state_dir=directory, broker=broker, metrics_port=metrics_port, journal=journal
-    )
+    try:
+        daemon = Daemon(
+            config, district, state_dir=directory, broker=broker, metrics_port=metrics_port, journal=journal
+        )
+    except SecurityError as e:
+        log.error("daemon.signing_key", error=str(e))
+        return 1
     try:
         asyncio.run(_serve(daemon))
     except Exception:
@@ -48,6 +56,9 @@ def run_daemon(
 
 
 async def _serve(daemon: Daemon) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack to stderr
+    # `kill -USR2` logs every asyncio task and what it awaits
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, logsetup.log_tasks)
     notifier = sdnotify.Notifier.from_env()
 
     async def watchdog() -> None:

@@ -99,9 +99,21 @@ def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture(scope="session")
-def shipped_config() -> Config:
-    """The shipped config/ebcd.toml."""
-    return load_config(shipped_config_path())
+def shipped_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """The shipped district, its serial rooms' ports moved into a folder of this test session.
+
+    The simulated serial buses of the tests open their ptys there, so tests never touch the
+    shipped /tmp/ebcd-sim paths a demo on the same machine may be using; 115200 baud keeps them quick.
+    """
+    here = tmp_path_factory.mktemp("district")
+    shipped = shipped_config_path().parent
+    shutil.copy(shipped / "terminals.csv", here / "terminals.csv")
+    toml = (shipped / "ebcd.toml").read_text(encoding="utf-8")
+    assert "[serial]" not in toml, "the shipped config gained a [serial] section: merge the override below"
+    (here / "ebcd.toml").write_text(toml + "\n[serial]\nbaudrate = 115200\n", encoding="utf-8")
+    rooms = (shipped / "rooms.csv").read_text(encoding="utf-8")
+    (here / "rooms.csv").write_text(rooms.replace("/tmp/ebcd-sim/", f"{here}/bus-"), encoding="utf-8")
+    return load_config(here / "ebcd.toml")
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,19 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 
 from ebcd.config import Config
 from ebcd.daemon import Daemon
+from ebcd.security.bench import verifier_from
+from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import FaultPlan
 from simulators.mqtt_fleet import MqttFleet
+from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 
 @contextlib.asynccontextmanager
@@ -24,6 +27,7 @@ async def running_daemon(
     config: Config, district: District, broker: str, state_dir: Path, **kwargs: Any
 ) -> AsyncIterator[Daemon]:
     """A daemon serving until the block ends, connected to the broker."""
+    wall_clock = kwargs.pop("wall_clock", None)
     daemon = Daemon(
         config,
         district,
@@ -32,6 +36,8 @@ async def running_daemon(
         metrics_port=kwargs.pop("metrics_port", -1),
         **kwargs,
     )
+    if wall_clock is not None:
+        daemon.wall_clock = wall_clock
     task = asyncio.create_task(daemon.run(), name="daemon")
     try:
         await asyncio.wait_for(daemon.ready.wait(), 20)
@@ -55,26 +61,53 @@ async def running_fleet(
     host: str,
     port: int,
     plan: FaultPlan | None = None,
+    bus_faults: BusFaults | None = None,
+    verifier: Verifier | Literal["config"] | None = "config",
 ) -> AsyncIterator[MqttFleet]:
-    """Simulated MQTT terminals, all connected (but the offline ones) when the block starts."""
+    """Every given terminal simulated on its own link: MQTT ones connected (but the offline ones),
+    serial ones on a simulated bus at their room's port, when the block starts."""
+    wanted = {t.code for t in terminals}
+    sec = config.security
+    if verifier == "config":  # the terminals trust what the config says, as `ebcd simulate` does
+        verifier = (
+            None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
+        )
     fleet = MqttFleet(
         district,
-        terminals,
+        [t for t in terminals if t.link == "mqtt"],
         host,
         port,
         plan=plan or FaultPlan(),
         play_time_s=config.simulator.play_time_s,
         heartbeat_interval_s=config.simulator.heartbeat_interval_s,
         connect_concurrency=100,
+        verifier=verifier,
+        replay_window_s=sec.replay_window_s,
     )
-    task = asyncio.create_task(fleet.run(), name="fleet")
-    try:
-        await asyncio.wait_for(fleet.started.wait(), 120)
-        yield fleet
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with contextlib.AsyncExitStack() as stack:
+        for village in district.villages():
+            on_bus = {t.code: t.bus_address or 0 for t in village.terminals if t.code in wanted}
+            if village.link != "serial" or not on_bus or village.port is None:
+                continue
+            bus = SerialBusSimulator(
+                on_bus,
+                baudrate=config.serial.baudrate,
+                play_time_s=config.simulator.play_time_s,
+                faults=bus_faults,
+                verifier=verifier,
+                replay_window_s=sec.replay_window_s,
+            )
+            await stack.enter_async_context(bus)
+            await bus.start_pty(link=village.port)
+            fleet.buses.append(bus)
+        task = asyncio.create_task(fleet.run(), name="fleet")
+        try:
+            await asyncio.wait_for(fleet.started.wait(), 120)
+            yield fleet
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> None:

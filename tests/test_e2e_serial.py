@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from ebcd.alert import AlertRequest, parse_target
-from ebcd.config import Config, load_config
+from ebcd.config import Config
 from ebcd.tiers.district import District
-from ebcd.tiers.loader import load_district
 from ebcd.tiers.village import Village
 from simulators.serial_bus import BusFaults, SerialBusSimulator
-from tests.conftest import ROOT, Mosquitto, fast_config
+from tests.conftest import Mosquitto, fast_config
 from tests.helpers import running_daemon, settle
 
 pytestmark = pytest.mark.slow
 
 
-def _serial_copy(tmp_path: Path) -> tuple[Config, District]:
-    """The shipped district with its serial rooms' ports moved into tmp_path."""
-    for name in ("ebcd.toml", "terminals.csv"):
-        shutil.copy(ROOT / "config" / name, tmp_path / name)
-    rooms = (ROOT / "config" / "rooms.csv").read_text(encoding="utf-8")
-    (tmp_path / "rooms.csv").write_text(rooms.replace("/tmp/ebcd-sim/", f"{tmp_path}/bus-"), encoding="utf-8")
-    config = load_config(tmp_path / "ebcd.toml")
-    config = config.model_copy(update={"serial": config.serial.model_copy(update={"baudrate": 115200})})
-    return fast_config(config, ack_timeout_s=3.0), load_district(config)
+def _serial_copy(shipped_config: Config, district: District) -> tuple[Config, District]:
+    return fast_config(shipped_config, ack_timeout_s=3.0), district
 
 
 @contextlib.asynccontextmanager
@@ -65,9 +56,9 @@ def _serial_villages(district: District) -> list[Village]:
 
 
 async def test_an_alert_to_a_serial_village_reaches_every_terminal_on_its_bus(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
 ) -> None:
-    config, district = _serial_copy(tmp_path)
+    config, district = _serial_copy(shipped_config, district)
     village = _serial_villages(district)[0]
     async with (
         _bus(village, config) as sim,
@@ -82,9 +73,9 @@ async def test_an_alert_to_a_serial_village_reaches_every_terminal_on_its_bus(
 
 
 async def test_a_dead_terminal_leaves_the_alert_partial_naming_it(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
 ) -> None:
-    config, district = _serial_copy(tmp_path)
+    config, district = _serial_copy(shipped_config, district)
     village = _serial_villages(district)[1]
     dead = village.terminals[-1].code
     faults = BusFaults(dead=frozenset({dead}))
@@ -103,9 +94,9 @@ async def test_a_dead_terminal_leaves_the_alert_partial_naming_it(
 
 
 async def test_ten_percent_corrupted_frames_still_reach_everyone(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
 ) -> None:
-    config, district = _serial_copy(tmp_path)
+    config, district = _serial_copy(shipped_config, district)
     villages = _serial_villages(district)[:4]
     faults = BusFaults(corrupt_rate=0.10)
     async with contextlib.AsyncExitStack() as stack:

@@ -21,11 +21,10 @@ from ebcd.protocols.messages import Liveness, TerminalPresence
 from ebcd.protocols.mqtt_codec import Topics
 from ebcd.tiers.district import District
 from simulators.faults import Fault, plan
-from tests.conftest import ROOT, Mosquitto, fast_config
+from tests.conftest import Mosquitto, fast_config
 from tests.helpers import mqtt_client, running_daemon, running_fleet, settle, wait_for, wait_online
 
 pytestmark = pytest.mark.slow
-CONFIG = str(ROOT / "config" / "ebcd.toml")
 
 
 def _alert(target: str = "all") -> AlertRequest:
@@ -59,15 +58,16 @@ async def _poll(
 
 
 async def test_kill_9_mid_alert_resumes_and_every_terminal_plays_exactly_once(
-    own_mosquitto: Mosquitto, tmp_path: Path
+    own_mosquitto: Mosquitto, shipped_config: Config, tmp_path: Path
 ) -> None:
+    config_file = str(shipped_config.base_dir / "ebcd.toml")  # serial buses in this session's folder
     state = tmp_path / "state"
     sim_log = tmp_path / "simulate.log"
     sims = _spawn(
         [
             "simulate",
             "-c",
-            CONFIG,
+            config_file,
             "--broker",
             own_mosquitto.url,
             "--faults",
@@ -83,7 +83,7 @@ async def test_kill_9_mid_alert_resumes_and_every_terminal_plays_exactly_once(
         [
             "run",
             "-c",
-            CONFIG,
+            config_file,
             "--broker",
             own_mosquitto.url,
             "--state-dir",
@@ -111,7 +111,7 @@ async def test_kill_9_mid_alert_resumes_and_every_terminal_plays_exactly_once(
             [
                 "run",
                 "-c",
-                CONFIG,
+                config_file,
                 "--broker",
                 own_mosquitto.url,
                 "--state-dir",
@@ -136,7 +136,15 @@ async def test_kill_9_mid_alert_resumes_and_every_terminal_plays_exactly_once(
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in (daemon, sims):
-            p.wait(30)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGUSR2)  # its tasks go to its log, for whoever reads this failure
+                await asyncio.sleep(0.5)
+                p.send_signal(signal.SIGUSR1)  # and its threads' stacks
+                p.wait(2) if p.poll() is not None else None
+                p.kill()
+                raise
     plays = collections.Counter()
     for line in sim_log.read_text().splitlines():
         if '"terminal.played"' in line or '"sim.play"' in line:  # MQTT terminals, serial buses
