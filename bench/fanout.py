@@ -60,7 +60,7 @@ async def wait_socket(client: ControlClient, online: int, timeout: float = 120) 
 
 
 async def measure_daemon(
-    broker: str, work: Path, runs: int, journal: bool, terminals: int
+    broker: str, work: Path, runs: int, journal: bool, terminals: int, config: Path
 ) -> dict[str, float]:
     state = work / ("state-journal" if journal else "state-nojournal")
     args = [
@@ -68,6 +68,8 @@ async def measure_daemon(
         "-m",
         "ebcd",
         "run",
+        "-c",
+        str(config),
         "--broker",
         broker,
         "--state-dir",
@@ -117,7 +119,11 @@ async def measure_daemon(
 async def measure_bare(
     host: str, port: int, district_code: str, codes: list[str], runs: int
 ) -> dict[str, float]:
-    """A bare aiomqtt fan-out: one command per terminal topic, wait for one report per terminal."""
+    """A bare aiomqtt fan-out: one command per terminal topic, wait for one report per terminal.
+
+    The commands are unsigned, so verifying terminals answer with a refusal: one report each all
+    the same, which is what this baseline counts (the same messages, minus the signing).
+    """
     times, cpus = [], []
     async with aiomqtt.Client(host, port, identifier="bench-bare", max_inflight_messages=200) as c:
         await c.subscribe(f"ebc/v1/{district_code}/t/+/report", qos=1)
@@ -137,10 +143,7 @@ async def measure_bare(
             await asyncio.gather(*(pub(code) for code in codes))
             acked: set[str] = set()
             async for m in c.messages:
-                if (
-                    alert.encode() in (m.payload if isinstance(m.payload, bytes) else b"")
-                    and b"received" in m.payload
-                ):
+                if alert.encode() in (m.payload if isinstance(m.payload, bytes) else b""):
                     acked.add(m.topic.value.split("/")[4])
                     if len(acked) == len(codes):
                         break
@@ -159,11 +162,22 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-journal-too", action="store_true", help="also measure with the journal off")
+    parser.add_argument(
+        "--all-mqtt", action="store_true", help="the shipped district with its serial rooms on MQTT"
+    )
     opts = parser.parse_args()
-    config = load_config(shipped_config_path())
+    work = Path(tempfile.mkdtemp(prefix="ebcd-bench-"))
+    config_path = shipped_config_path()
+    if opts.all_mqtt:  # every terminal on MQTT, to compare like with like against the bare baseline
+        for name in ("ebcd.toml", "terminals.csv"):
+            shutil.copy(config_path.parent / name, work / name)
+        rooms = (config_path.parent / "rooms.csv").read_text(encoding="utf-8").splitlines()
+        rows = [",".join([*r.split(",")[:4], "mqtt", ""]) if ",serial," in r else r for r in rooms]
+        (work / "rooms.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        config_path = work / "ebcd.toml"
+    config = load_config(config_path)
     district = load_district(config)
     mqtt_codes = [t.code for t in district.terminals() if t.link == "mqtt"]
-    work = Path(tempfile.mkdtemp(prefix="ebcd-bench-"))
     port = free_port()
     (work / "mosquitto.conf").write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
@@ -175,26 +189,28 @@ async def main() -> None:
     )
     time.sleep(0.5)
     broker = f"mqtt://127.0.0.1:{port}"
-    sims = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ebcd",
-            "simulate",
-            "--broker",
-            broker,
-            "--play-time",
-            "0.2",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "sim.log").open("wb"),
-    )
+    sim_args = [sys.executable, "-m", "ebcd", "simulate", "-c", str(config_path), "--broker", broker,
+                "--play-time", "0.2", "--log-level", "warning"]  # fmt: skip
+
+    def start_sims() -> subprocess.Popen[bytes]:
+        # fresh simulated terminals for each daemon: a daemon without its journal starts its command
+        # sequence afresh, and terminals that heard another daemon would refuse it as a replay
+        return subprocess.Popen(sim_args, stdout=subprocess.DEVNULL, stderr=(work / "sim.log").open("ab"))
+
+    sims = start_sims()
     try:
-        results = {"ebcd, journal on": await measure_daemon(broker, work, opts.runs, True, len(district))}
+        results = {
+            "ebcd, journal on": await measure_daemon(
+                broker, work, opts.runs, True, len(district), config_path
+            )
+        }
         if opts.no_journal_too:
-            results["ebcd, journal off"] = await measure_daemon(broker, work, opts.runs, False, len(district))
+            sims.send_signal(signal.SIGTERM)
+            sims.wait(30)
+            sims = start_sims()
+            results["ebcd, journal off"] = await measure_daemon(
+                broker, work, opts.runs, False, len(district), config_path
+            )
         results["bare aiomqtt fan-out (baseline)"] = await measure_bare(
             "127.0.0.1", port, district.code, mqtt_codes, opts.runs
         )

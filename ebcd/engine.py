@@ -89,6 +89,8 @@ class Engine:
     _seq: int = field(default_factory=lambda: int(time.time()))
     # terminal -> the alert it plays now (a terminal plays one broadcast at a time)
     holder: dict[str, str] = field(default_factory=dict)
+    # terminal -> alerts whose delivery waits for it (so a release wakes the timer loop only if needed)
+    _waiting: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for t in self.district.terminals():
@@ -335,6 +337,7 @@ class Engine:
             if other is not None and other is not run:
                 if self._rank(run) <= self._rank(other):
                     run.deliveries[code].cause = f"waiting: the terminal plays alert {other.id}"
+                    self._waiting.setdefault(code, set()).add(run.id)
                     continue  # stays pending until the terminal is free
                 self._preempt(other, code, run, now)
             self.holder[code] = run.id
@@ -371,19 +374,21 @@ class Engine:
             return
         del self.holder[code]
         now = self.clock()
-        waiting = [
+        preempted = [
             r
             for r in self.runs.values()
             if r.active and code in r.deliveries and r.deliveries[code].state is DState.PREEMPTED
         ]
-        if waiting:
-            best = max(waiting, key=self._rank)
+        if preempted:
+            best = max(preempted, key=self._rank)
             before = {code: best.deliveries[code].state}
             if best.resume(code, now):
                 self._after_transitions(best, before, now)
                 best.settle(now)
                 self._mark(best)
-        self._poke.set()
+        blocked = self._waiting.pop(code, set())
+        if preempted or blocked:
+            self._poke.set()  # only then is there something to send on this terminal now
 
     # -- commands ----------------------------------------------------------------------------
     def _next_seq(self) -> int:
