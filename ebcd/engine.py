@@ -249,7 +249,7 @@ class Engine:
         returning = live.state != "online" or p.session > live.session
         live.session, live.last_seen = p.session, now
         live.state = "online"
-        if returning and not p.heartbeat:
+        if returning:  # a birth, or a heartbeat of a session whose birth we missed (broker restart)
             self._reopen(p.terminal, now, f"terminal back online (session {p.session})")
 
     def _live(self, terminal: str, now: float) -> None:
