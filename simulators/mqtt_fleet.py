@@ -148,7 +148,7 @@ class MqttFleet:
             )
             for t in terminals
         ]
-        self.by_code = {s.terminal.code: s for s in self.terminals}
+        self._links: dict[str, asyncio.Task[None]] = {}  # terminal -> the task running its connection
         self.buses: list[SerialBusSimulator] = []  # serial buses run beside the fleet, for reports
         self.started = asyncio.Event()
 
@@ -168,7 +168,7 @@ class MqttFleet:
             online = [s for s in self.terminals if s.behaviour.fault is not Fault.OFFLINE]
             for sim in online:
                 async with sem:
-                    tg.create_task(sim.link.run(), name=f"sim-{sim.terminal.code}")
+                    self._connect(sim, tg)
                     try:
                         await asyncio.wait_for(sim.link.connected.wait(), 10)
                     except TimeoutError:
@@ -186,19 +186,14 @@ class MqttFleet:
             for sim in self.terminals:
                 sim.heartbeat()
 
+    def _connect(self, sim: SimTerminal, tg: asyncio.TaskGroup) -> None:
+        self._links[sim.terminal.code] = tg.create_task(sim.link.run(), name=f"sim-{sim.terminal.code}")
+
     async def _flap(self, flappers: list[SimTerminal], tg: asyncio.TaskGroup) -> None:
-        tasks = {
-            s.terminal.code: t
-            for t in asyncio.all_tasks()
-            for s in flappers
-            if t.get_name() == f"sim-{s.terminal.code}"
-        }
         while True:
             await asyncio.sleep(FLAP_INTERVAL_S)
             for sim in flappers:
-                task = tasks.get(sim.terminal.code)
-                if task is not None:
-                    task.cancel()
+                self._links[sim.terminal.code].cancel()
             await asyncio.sleep(FLAP_DOWN_S)
             for sim in flappers:
-                tasks[sim.terminal.code] = tg.create_task(sim.link.run(), name=f"sim-{sim.terminal.code}")
+                self._connect(sim, tg)

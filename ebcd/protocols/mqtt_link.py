@@ -10,7 +10,6 @@ dropped quietly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -267,10 +266,3 @@ def _stay_cancelled(error: aiomqtt.MqttError) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from error
-
-
-async def wait_connected(link: MqttLink, timeout_s: float) -> bool:
-    """Wait until the link is connected, at most `timeout_s`."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(link.connected.wait(), timeout_s)
-    return link.connected.is_set()

@@ -4,9 +4,9 @@ Each tier answers two questions: which terminals does a target name (resolution)
 has an alert reached below me (roll-up). `District` is the entry point.
 """
 
-from ebcd.tiers.district import District, Resolution, UnknownTarget
+from ebcd.tiers.district import District, Resolution
 from ebcd.tiers.terminal import Terminal
 from ebcd.tiers.town import Town
 from ebcd.tiers.village import Village
 
-__all__ = ["District", "Resolution", "Terminal", "Town", "UnknownTarget", "Village"]
+__all__ = ["District", "Resolution", "Terminal", "Town", "Village"]

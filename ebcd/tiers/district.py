@@ -16,10 +16,6 @@ from ebcd.tiers.village import Village
 AnyTarget = CodeTarget | PolygonTarget | CircleTarget
 
 
-class UnknownTarget(ValueError):
-    """A target that names nothing in the district."""
-
-
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """The terminals a list of targets names, in ledger order, without duplicates."""
