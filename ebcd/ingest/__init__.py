@@ -30,6 +30,7 @@ class Reason(StrEnum):
     EXPIRED = "expired"
     NOT_ALLOWED = "not_allowed"
     JOURNAL = "journal"  # could not be journalled durably, so it was not accepted
+    BAD_SIGNATURE = "bad_signature"  # XML-DSig missing or failed for a sender that signs
 
 
 class IngestError(Exception):
