@@ -190,8 +190,9 @@ class Delivery:
         return True
 
     def reopen(self, now: float, why: str) -> bool:
-        """The terminal came back: send again if it never acknowledged."""
-        if self.state not in (DState.UNCERTAIN, DState.REFUSED):
+        """The terminal came back: send again if it never acknowledged. An attempt still in
+        flight (SENT) is sent again too: it may have gone out before the terminal subscribed."""
+        if self.state not in (DState.SENT, DState.UNCERTAIN, DState.REFUSED):
             return False
         self.to(DState.PENDING, now, why)
         self.attempts = 0

@@ -163,3 +163,13 @@ def test_a_returning_terminal_is_sent_again() -> None:
     assert run.reopen("t0", 20.0, "back online")
     assert run.to_send(20.0) == ["t0"]
     assert run.deliveries["t0"].attempts == 0
+
+
+def test_a_terminal_returning_while_an_attempt_is_in_flight_is_sent_again() -> None:
+    # the attempt may have gone out before the terminal's new session subscribed (broker restart)
+    run = _run(1)
+    run.mark_sent(["t0"], 0.0, POLICY)
+    assert run.deliveries["t0"].state is DState.SENT
+    assert run.reopen("t0", 0.5, "terminal back online (session 7)")
+    assert run.to_send(0.5) == ["t0"]
+    assert run.deliveries["t0"].deadline is None  # the old attempt's timer no longer runs
