@@ -7,6 +7,10 @@ configured baud rate: every byte crossing it, either way, occupies it for bits-p
 baud seconds, and a reply goes out only when the line is free, so a 9600-baud bus takes as long
 as a real one. Terminals act on broadcast starts and stops addressed to them and answer a query
 or heartbeat only when it names them alone (several terminals answering at once would collide).
+A terminal that refuses a command (unsigned, bad signature, stale, replayed) cannot say so at once
+(commands are never answered): it keeps the refusal and answers its next heartbeat poll with it,
+a broadcast result with status refused and the cause, one a poll, so that the master also hears
+of forged or replayed frames it never sent. A query that returns the refusal reports it as well.
 
 Usable in-process (`SerialBusSimulator`) or on its own:
     python -m simulators.serial_bus --terminals CODE:ADDR,... --pty-link PATH --baud 9600
@@ -22,6 +26,7 @@ import os
 import random
 import signal
 import tty
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +59,7 @@ log = structlog.get_logger("simulators.serial_bus")
 BITS_PER_CHAR_8N1 = 10
 READ_CHUNK_BYTES = 4096
 MAX_GARBAGE_BYTES = 32
+MAX_UNREPORTED_REFUSALS = 32  # refusals a terminal keeps for its next polls; the oldest go first
 DESCRIPTION = "A virtual RS-485 multi-drop bus of emergency broadcast terminals."
 
 
@@ -124,8 +130,10 @@ class SimulatedTerminal:
         self.address = address
         self.play_time_s = play_time_s
         self.plays: list[PlayRecord] = []
+        self.refused: list[tuple[str, str]] = []  # (alert id, cause) of every command refused
         self._tasks: dict[tuple[str, int], _Task] = {}
         self._stops: dict[str, BroadcastStop] = {}
+        self._unreported: deque[BroadcastResult] = deque(maxlen=MAX_UNREPORTED_REFUSALS)
         self._fault: FaultReport | None = None
         self._fault_reported = False
         self._log = log.bind(terminal=code, address=address)
@@ -142,11 +150,9 @@ class SimulatedTerminal:
         body = frame.body
         if isinstance(body, BroadcastStart | BroadcastStop) and self.check is not None:
             cmd = replace(body_command(body, frame.targets), signature=frame.signature or b"")
-            verdict = self.check(cmd, handled=(body.alert_id, body.revision) in self._tasks)
+            verdict = self.check(cmd, handled=self._handled(body))
             if verdict is not None and verdict != DUPLICATE:
-                self._log.warning("sim.refused", alert_id=body.alert_id, revision=body.revision, why=verdict)
-                if isinstance(body, BroadcastStart) and (body.alert_id, body.revision) not in self._tasks:
-                    self._tasks[(body.alert_id, body.revision)] = _Task(body, now, refused=verdict)
+                self._refuse(body, verdict, now)
                 return None
         if isinstance(body, BroadcastStart):
             self._start(body, now)
@@ -162,6 +168,37 @@ class SimulatedTerminal:
                 return self._heartbeat(now)
         return None
 
+    def _handled(self, body: BroadcastStart | BroadcastStop) -> bool:
+        """Whether this terminal already acted on the command's (alert, revision) and still holds it:
+        a repeated copy of it is then a duplicate to acknowledge, not a replay to refuse."""
+        if isinstance(body, BroadcastStop):
+            return body.alert_id in self._stops
+        task = self._tasks.get((body.alert_id, body.revision))
+        return task is not None and task.refused is None and body.alert_id not in self._stops
+
+    def _refuse(self, body: BroadcastStart | BroadcastStop, cause: str, now: float) -> None:
+        """Refuse a command: remember why for a query about it, and for the next heartbeat poll."""
+        self._log.warning("sim.refused", alert_id=body.alert_id, revision=body.revision, why=cause)
+        self.refused.append((body.alert_id, cause))
+        key = (body.alert_id, body.revision)
+        if isinstance(body, BroadcastStart) and key not in self._tasks:
+            self._tasks[key] = _Task(body, now, refused=cause)
+        if len(self._unreported) == self._unreported.maxlen:
+            forgotten = self._unreported[0]
+            self._log.warning("sim.refusal_unreported", alert_id=forgotten.alert_id, why=forgotten.cause)
+        self._unreported.append(
+            BroadcastResult(body.ebmid, body.alert_id, body.revision, body.seq, ResultStatus.REFUSED, cause)
+        )
+
+    def _reported(self, result: BroadcastResult) -> None:
+        """A query carried this refusal to the master: the next poll need not carry it again."""
+        for kept in self._unreported:
+            if (kept.alert_id, kept.revision, kept.seq, kept.cause) == (
+                result.alert_id, result.revision, result.seq, result.cause,
+            ):  # fmt: skip
+                self._unreported.remove(kept)
+                return
+
     def result(self, query: Query, now: float) -> BroadcastResult:
         """This terminal's result for the broadcast a query names."""
         task = self._tasks.get((query.alert_id, query.revision))
@@ -174,8 +211,12 @@ class SimulatedTerminal:
             return BroadcastResult(query.ebmid, query.alert_id, query.revision, 0, ResultStatus.UNKNOWN)
         seq, cause = task.start.seq, task.refused
         if task.refused is not None:
-            status = ResultStatus.REFUSED
-        elif task.stopped_seq is not None:
+            refusal = BroadcastResult(
+                query.ebmid, query.alert_id, query.revision, seq, ResultStatus.REFUSED, cause
+            )
+            self._reported(refusal)
+            return refusal
+        if task.stopped_seq is not None:
             status, seq = ResultStatus.STOPPED, task.stopped_seq
         elif now < task.started_at + self.play_time_s:
             status = ResultStatus.PLAYING
@@ -185,7 +226,13 @@ class SimulatedTerminal:
 
     def _start(self, start: BroadcastStart, now: float) -> None:
         key = (start.alert_id, start.revision)
-        if key in self._tasks and self._tasks[key].refused is None:
+        known = self._tasks.get(key)
+        if (
+            known is not None
+            and known.refused is None
+            and not (start.resume and start.seq != known.start.seq)
+        ):
+            # a re-sent copy: never play twice; a resume (a new command) plays a pre-empted broadcast again
             self._log.debug("sim.duplicate_start", alert_id=start.alert_id, revision=start.revision)
             return
         task = _Task(start, now)
@@ -198,9 +245,14 @@ class SimulatedTerminal:
             self.plays.append(
                 PlayRecord(self.code, start.alert_id, start.revision, start.ebmid, start.content, now)
             )
-            self._log.info("sim.play", alert_id=start.alert_id, revision=start.revision, text=start.content)
+            self._log.info(
+                "sim.play", alert_id=start.alert_id, revision=start.revision, text=start.content,
+                resume=start.resume,
+            )  # fmt: skip
 
     def _heartbeat(self, now: float) -> Body:
+        if self._unreported:  # a refusal the master has not heard of yet comes before the state
+            return self._unreported.popleft()
         if self._fault is not None:
             if not self._fault_reported:
                 self._fault_reported = True

@@ -4,7 +4,8 @@ Body layouts (big-endian; "str8" is u8 length + bytes, "str16" u16 length + byte
 
     0x01 broadcast start  ebmid(18 BCD) revision u16, seq u32, level u8, event type 5 ASCII,
                           volume u8, ttl_s u32 (relative), flags u8 (bit 0 test, bit 1 content is
-                          an audio reference), alert id str8 ASCII, content str16 UTF-8
+                          an audio reference, bit 2 resume: play again after a pre-emption; bits
+                          3-7 zero, ignored by decoders), alert id str8 ASCII, content str16 UTF-8
     0x02 broadcast stop   ebmid(18) revision u16, seq u32, alert id str8, reason str8 UTF-8
     0x03 query            ebmid(18) revision u16, alert id str8: "your result for this broadcast?"
     0x10 heartbeat        empty from the master (a poll); u8 state (1 idle, 2 working, 3 fault)
@@ -34,6 +35,7 @@ MAX_U16 = 0xFFFF
 MAX_U32 = 0xFFFFFFFF
 FLAG_TEST = 0x01
 FLAG_AUDIO_REFERENCE = 0x02
+FLAG_RESUME = 0x04  # signed: an older terminal that ignores it checks other bytes and refuses (fails safe)
 
 
 class BusinessType(IntEnum):
@@ -99,6 +101,7 @@ class BroadcastStart:
     content: str
     content_kind: ContentKind = ContentKind.TEXT
     test: bool = False
+    resume: bool = False  # play again after a pre-emption, although this (alert, revision) was played
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +214,10 @@ def encode_body(body: Body) -> bytes:
             if len(body.event_type) != EVENT_TYPE_CHARS or not body.event_type.isascii():
                 raise LocalProtocolError(f"event type {body.event_type!r} is not 5 ASCII characters")
             event = body.event_type.encode("ascii")
-            flags = (FLAG_TEST if body.test else 0) | (
-                FLAG_AUDIO_REFERENCE if body.content_kind is ContentKind.AUDIO_REFERENCE else 0
+            flags = (
+                (FLAG_TEST if body.test else 0)
+                | (FLAG_AUDIO_REFERENCE if body.content_kind is ContentKind.AUDIO_REFERENCE else 0)
+                | (FLAG_RESUME if body.resume else 0)
             )
             return (
                 _head(body.ebmid, body.revision, body.seq)
@@ -323,7 +328,7 @@ def decode_body(business_type: int, data: bytes) -> Body:
             return r.done(
                 BroadcastStart(
                     ebmid, alert_id, revision, seq, level, event, volume, ttl_s, content,
-                    kind_of_content, bool(flags & FLAG_TEST),
+                    kind_of_content, bool(flags & FLAG_TEST), bool(flags & FLAG_RESUME),
                 )
             )  # fmt: skip
         case BusinessType.BROADCAST_STOP:
@@ -370,7 +375,7 @@ def command_body(cmd: Command) -> BroadcastStart | BroadcastStop:
         ttl_s = min(MAX_U32, max(0, math.ceil(cmd.ttl_s)))
         return BroadcastStart(
             cmd.ebmid, cmd.alert_id, cmd.revision, cmd.seq, cmd.level, cmd.event_type, cmd.volume,
-            ttl_s, cmd.text, ContentKind.TEXT, cmd.test,
+            ttl_s, cmd.text, ContentKind.TEXT, cmd.test, cmd.resume,
         )  # fmt: skip
     return BroadcastStop(cmd.ebmid, cmd.alert_id, cmd.revision, cmd.seq, cmd.reason)
 
@@ -381,7 +386,7 @@ def body_command(body: BroadcastStart | BroadcastStop, targets: tuple[str, ...] 
         return PlayCommand(
             alert_id=body.alert_id, ebmid=body.ebmid, revision=body.revision, seq=body.seq,
             level=body.level, event_type=body.event_type, text=body.content, ttl_s=float(body.ttl_s),
-            volume=body.volume, test=body.test, targets=targets,
+            volume=body.volume, test=body.test, targets=targets, resume=body.resume,
         )  # fmt: skip
     return StopCommand(body.alert_id, body.ebmid, body.revision, body.seq, body.reason, targets=targets)
 

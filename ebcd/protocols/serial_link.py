@@ -12,6 +12,12 @@ answers "never received it" gets the command again, addressed to it alone. Repli
 any other frame is dropped and counted. When the port fails the owner reopens it with capped,
 jittered backoff, forgets what it knew about liveness (unknown, not offline) and resumes the job
 it was running, re-sending its command (terminals play each (alert, revision) once).
+
+A terminal may answer a heartbeat poll with a broadcast result instead of its state: a report it
+could not give when it happened, typically its refusal of a command the master never sent (a
+forged, stale or replayed frame injected on the line). The master hands it on as a report, without
+touching what it follows for its own commands, and polls that terminal again later in the same
+round, at most `MAX_RESULTS_PER_POLL_ROUND` times, until it answers with its state.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
 CLOSE_TIMEOUT_S = 2.0
 REPLY_ALLOWANCE_BYTES = 128  # airtime allowed for a reply, on top of the response timeout
+MAX_RESULTS_PER_POLL_ROUND = 16  # broadcast results one terminal may hand over in a poll round
 MAX_SESSION = 0xFFFFFFFF
 _T = TypeVar("_T")
 _FINAL_STATUSES = frozenset({AckStatus.DONE, AckStatus.REFUSED, AckStatus.STOPPED})
@@ -127,6 +134,7 @@ class _Terminal:
     session: int = 0
     misses: int = 0
     watches: dict[tuple[str, int], _Watch] = field(default_factory=dict)
+    results_this_round: int = 0  # broadcast results it answered heartbeat polls with, this round
 
 
 @dataclass(slots=True)
@@ -437,6 +445,7 @@ class SerialBusMaster:
     def _queue_poll_round(self, now: float) -> None:
         """A heartbeat to every terminal, then a query for each of its results still in progress."""
         for terminal in self._terminals.values():
+            terminal.results_this_round = 0
             self._poll_queue.append((terminal, None))
             for key, pending in list(terminal.watches.items()):
                 if pending.expires_at <= now:
@@ -455,6 +464,24 @@ class SerialBusMaster:
             )
         elif isinstance(body, Heartbeat) and body.state is TerminalState.FAULT:
             terminal.log.warning("serial.terminal_fault")
+        elif isinstance(body, BroadcastResult):
+            self._late_result(terminal, body)
+
+    def _late_result(self, terminal: _Terminal, result: BroadcastResult) -> None:
+        """A result in answer to a heartbeat poll: hand it on, and poll the terminal again this round."""
+        report = result_report(terminal.code, result)
+        if report is not None:
+            terminal.log.info(
+                "serial.late_report",
+                alert_id=report.alert_id,
+                revision=report.revision,
+                status=str(report.status),
+                cause=report.cause,
+            )
+            self._emit(self._on_report, report)
+        terminal.results_this_round += 1
+        if terminal.results_this_round < MAX_RESULTS_PER_POLL_ROUND:
+            self._poll_queue.append((terminal, None))  # it may have more to tell
 
     async def _exchange(self, terminal: _Terminal, body: Body) -> Frame | None:
         session = self._next_session()

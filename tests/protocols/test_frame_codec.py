@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -37,6 +38,9 @@ from ebcd.protocols.frame import (
     result_report,
 )
 from ebcd.protocols.messages import AckStatus, PlayCommand, StopCommand, TerminalReport
+from ebcd.security.bench import bench_signer
+from ebcd.security.replay import quantize_command, sign_command, verify_command
+from ebcd.security.signing import SignatureError
 
 SOURCE = "43415230000000314010301"
 T1 = "63415231010010314010401"
@@ -84,12 +88,48 @@ def test_bcd_rejects_bad_codes(code: str) -> None:
         pack_ebrid(code)
 
 
-def test_play_command_round_trips_through_bytes() -> None:
-    cmd = play(targets=(T1,))
+@pytest.mark.parametrize(("test", "resume"), [(False, False), (True, False), (False, True), (True, True)])
+def test_play_command_round_trips_through_bytes(test: bool, resume: bool) -> None:
+    cmd = play(targets=(T1,), test=test, resume=resume)
     frame = Frame(SOURCE, (T1,), command_body(cmd), session=77)
     decoded = decode_frame(encode_frame(frame))
     assert isinstance(decoded.body, BroadcastStart)
+    assert decoded.body.resume is resume
     assert body_command(decoded.body, decoded.targets) == cmd
+
+
+FLAGS_AT = 11 + 12 + 2 + 12 + 3 + 18 + 6 + 1 + 5 + 1 + 4  # a broadcast start to one target: its flags byte
+
+
+def test_resume_is_bit_2_of_the_flags_byte_and_costs_no_byte() -> None:
+    plain = encode_frame(Frame(SOURCE, (T1,), command_body(play(test=False))))
+    resumed = encode_frame(Frame(SOURCE, (T1,), command_body(play(test=False, resume=True))))
+    assert len(resumed) == len(plain)
+    assert (plain[FLAGS_AT], resumed[FLAGS_AT]) == (0x00, 0x04)
+    assert plain[:FLAGS_AT] == resumed[:FLAGS_AT]
+    assert plain[FLAGS_AT + 1 : -4] == resumed[FLAGS_AT + 1 : -4]
+
+
+def test_frames_of_older_encoders_decode_as_before_and_unknown_flags_are_ignored() -> None:
+    wire = encode_frame(Frame(SOURCE, (T1,), command_body(play(test=True))))
+    older = decode_frame(wire).body  # flags 0x01: what an encoder without the resume bit sends
+    assert isinstance(older, BroadcastStart)
+    assert (older.test, older.resume) == (True, False)
+    future = with_crc(wire[:FLAGS_AT] + bytes([wire[FLAGS_AT] | 0x80]) + wire[FLAGS_AT + 1 : -4])
+    assert decode_frame(future).body == older  # a flag this codec does not know changes nothing
+
+
+def test_a_signed_resume_carried_by_a_frame_verifies_and_its_flag_is_authenticated() -> None:
+    signer = bench_signer("ed25519")
+    cmd = quantize_command(play(resume=True, issued_at=1_780_000_000.0))
+    block = sign_command(signer, cmd)
+    decoded = decode_frame(encode_frame(Frame(SOURCE, (T1,), command_body(cmd), signature=block)))
+    assert isinstance(decoded.body, BroadcastStart)
+    assert decoded.signature == block
+    received = body_command(decoded.body, decoded.targets)
+    assert verify_command(signer.verifier(), received, block).time == 1_780_000_000
+    with pytest.raises(SignatureError):  # a resume flag cleared (or set) on the line no longer verifies
+        verify_command(signer.verifier(), dataclasses.replace(received, resume=False), block)
 
 
 def test_play_ttl_is_rounded_up_to_whole_seconds() -> None:
@@ -206,6 +246,7 @@ def test_describe_valid_frame() -> None:
     assert isinstance(message, dict)
     assert message["content"] == "请立即转移"
     assert message["content_kind"] == "text"
+    assert (message["test"], message["resume"]) == (True, False)
     assert message["ebmid"] == EBMID
     assert desc.crc_expected == desc.crc_found
     text = "\n".join(render_description(desc))
@@ -213,6 +254,15 @@ def test_describe_valid_frame() -> None:
     assert "0x01 broadcast start" in text
     assert f"[1] {T1}" in text
     assert "ok" in text.splitlines()[-1]
+
+
+def test_describe_shows_the_resume_flag() -> None:
+    desc = describe(encode_frame(Frame(SOURCE, (T1,), command_body(play(resume=True)), session=43)))
+    assert desc.valid
+    message = desc.fields["message"]
+    assert isinstance(message, dict)
+    assert message["resume"] is True
+    assert "    resume        True" in render_description(desc)
 
 
 def test_describe_crc_mismatch_shows_expected_and_found() -> None:

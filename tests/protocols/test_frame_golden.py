@@ -99,6 +99,51 @@ GOLDEN: dict[str, tuple[Frame, bytes]] = {
             "38 24 8f 80",  # CRC
         ),
     ),
+    "broadcast start, a test resumed": (
+        Frame(
+            SOURCE,
+            (T1,),
+            BroadcastStart(
+                EBMID,
+                "a-1",
+                revision=2,
+                seq=11,
+                level=4,
+                event_type="20000",
+                volume=0xFF,
+                ttl_s=600,
+                content="暴雨",
+                test=True,
+                resume=True,
+            ),
+            session=10,
+        ),
+        hx(
+            "fe fd",  # header
+            "01 00",  # version
+            "00 00 00 0a",  # session 10
+            "01",  # request, unsigned
+            "00 5c",  # total length 92 = 44 fixed with 1 target + 48 data
+            SRC_BCD,  # source
+            "00 01",  # 1 target
+            T1_BCD,
+            "01",  # business type: broadcast start
+            "00 30",  # data length 48: the resume flag costs no byte
+            EBMID_BCD,  # ebmid
+            "00 02",  # revision 2
+            "00 00 00 0b",  # seq 11
+            "04",  # level 4 (blue)
+            "32 30 30 30 30",  # event type "20000" (daily broadcast)
+            "ff",  # volume unchanged
+            "00 00 02 58",  # ttl 600 s
+            "05",  # flags: bit 0 test, bit 2 resume (play again after a pre-emption), text content
+            "03",  # alert id length
+            "61 2d 31",  # "a-1"
+            "00 06",  # content length
+            "e6 9a b4 e9 9b a8",  # "暴雨" in UTF-8
+            "64 c4 e3 5e",  # CRC
+        ),
+    ),
     "broadcast stop": (
         Frame(SOURCE, (T1,), BroadcastStop(EBMID, "a-1", revision=1, seq=8, reason="取消"), session=2),
         hx(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from ebcd.protocols.frame import BroadcastStart, Frame, Heartbeat, LocalProtocolError, Query, encode_frame
+from ebcd.protocols.frame import (
+    BroadcastStart,
+    Frame,
+    Heartbeat,
+    LocalProtocolError,
+    Query,
+    command_body,
+    encode_frame,
+)
 from ebcd.protocols.messages import (
     AckStatus,
     Liveness,
@@ -20,7 +29,9 @@ from ebcd.protocols.messages import (
     TerminalPresence,
     TerminalReport,
 )
-from ebcd.protocols.serial_link import BusClosedError, SerialBusMaster
+from ebcd.protocols.serial_link import MAX_RESULTS_PER_POLL_ROUND, BusClosedError, SerialBusMaster
+from ebcd.security.bench import bench_signer
+from ebcd.security.replay import quantize_command, sign_command
 from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 SOURCE = "43415230000000314010301"
@@ -83,6 +94,7 @@ async def bus(
     play_time_s: float = 0.0,
     tcp: bool = False,
     record_frames: bool = False,
+    verifying: bool = False,
     **master_options: Any,
 ) -> AsyncIterator[tuple[SerialBusSimulator, SerialBusMaster, Collector]]:
     async with SerialBusSimulator(
@@ -92,6 +104,7 @@ async def bus(
         play_time_s=play_time_s,
         seed=20240601,
         record_frames=record_frames,
+        verifier=bench_signer("ed25519").verifier() if verifying else None,
     ) as sim:
         url = await (sim.start_tcp() if tcp else sim.start_pty())
         collector = Collector()
@@ -312,3 +325,50 @@ async def test_unknown_terminals_and_stopped_master() -> None:
 def test_codes_must_be_resource_codes() -> None:
     with pytest.raises(LocalProtocolError, match="bad address"):
         SerialBusMaster("/dev/null", source="123", terminals={}, on_report=lambda r: None)
+
+
+def signed(cmd: PlayCommand) -> PlayCommand:
+    """`cmd` issued now and signed with the bench key, as the engine sends it."""
+    cmd = quantize_command(dataclasses.replace(cmd, issued_at=time.time()))
+    return dataclasses.replace(cmd, signature=sign_command(bench_signer("ed25519"), cmd))
+
+
+async def test_a_signed_resume_plays_again_on_a_verifying_terminal() -> None:
+    async with bus(verifying=True) as (sim, master, _collector):
+        first = await asyncio.wait_for(master.dispatch(signed(play(seq=1)), CODES), WAIT_S)
+        again = await asyncio.wait_for(master.dispatch(signed(play(seq=2)), CODES), WAIT_S)
+        resume = signed(dataclasses.replace(play(seq=3), resume=True))
+        resumed = await asyncio.wait_for(master.dispatch(resume, CODES), WAIT_S)
+    assert first.reports == again.reports == resumed.reports == dict.fromkeys(CODES, AckStatus.DONE)
+    assert plays_per_terminal(sim) == dict.fromkeys(CODES, 2)  # a re-send never plays, a resume does
+    assert all(not t.refused for t in sim.terminals.values())  # the resume flag is signed and carried
+
+
+async def test_refusals_reach_the_master_once_by_query_or_by_the_next_poll() -> None:
+    async with bus(verifying=True, poll_interval_s=0.05) as (sim, master, collector):
+        # a command the master sends unsigned: refused, and reported in the answer to its query
+        outcome = await asyncio.wait_for(master.dispatch(play(seq=1), CODES), WAIT_S)
+        assert outcome.reports == dict.fromkeys(CODES, AckStatus.REFUSED)
+        # frames the master never sent, heard by the terminals: reported in answers to heartbeat polls
+        for terminal in sim.terminals.values():
+            assert (
+                terminal.handle(Frame(SOURCE, tuple(CODES), command_body(play("forged", seq=7))), 0.0) is None
+            )
+        chatty = sim.terminals[CODES[0]]
+        extra = MAX_RESULTS_PER_POLL_ROUND + 4  # more than one poll round hands over
+        for n in range(extra):
+            chatty.handle(Frame(SOURCE, (chatty.code,), command_body(play(f"forged-{n}", seq=8 + n))), 0.0)
+
+        def refused() -> list[TerminalReport]:
+            return [r for r in collector.reports if r.status is AckStatus.REFUSED]
+
+        await collector.until(lambda: len(refused()) == 8 + 8 + extra)
+        rounds = sum(p.heartbeat for p in collector.presences)
+        await collector.until(lambda: sum(p.heartbeat for p in collector.presences) >= rounds + 2 * 8)
+    assert {r.cause for r in refused()} == {"unsigned"}
+    assert sorted((r.terminal, r.alert_id) for r in refused()) == sorted(
+        [(c, "alert-1") for c in CODES]
+        + [(c, "forged") for c in CODES]
+        + [(CODES[0], f"forged-{n}") for n in range(extra)]
+    )  # each refusal once: the query's is not repeated by a poll
+    assert master.counters.dropped == 0

@@ -15,6 +15,14 @@ from ebcd.alert import AlertRequest, parse_target
 from ebcd.config import Config
 from ebcd.delivery import DState
 from ebcd.protocols import mqtt_codec
+from ebcd.protocols.frame import (
+    BroadcastResult,
+    BroadcastStart,
+    Frame,
+    ResultStatus,
+    command_body,
+    encode_frame,
+)
 from ebcd.protocols.messages import PlayCommand
 from ebcd.protocols.mqtt_codec import Topics
 from ebcd.security.bench import bench_signer
@@ -23,13 +31,18 @@ from ebcd.security.signing import Ed25519SigningKey, Signer
 from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
 from tests.helpers import mqtt_client, running_daemon, running_fleet, settle, wait_for
+from tests.serial_tap import serial_tap
 
 pytestmark = pytest.mark.slow
 
 
-def _alert(target: str) -> AlertRequest:
+def _alert(*targets: str) -> AlertRequest:
     return AlertRequest(
-        level=2, event_type="11B03", targets=[parse_target(target)], text="暴雨橙色预警", ttl_s=600
+        level=2,
+        event_type="11B03",
+        targets=[parse_target(t) for t in targets],
+        text="暴雨橙色预警",
+        ttl_s=600,
     )
 
 
@@ -57,11 +70,7 @@ async def test_wrongly_signed_commands_are_refused_on_both_links(
         ) as fleet,
     ):
         run = await daemon.submit(
-            _alert(f"village:{mqtt_village.code}").model_copy(
-                update={
-                    "targets": [parse_target(f"village:{v.code}") for v in (mqtt_village, serial_village)]
-                }
-            ),
+            _alert(f"village:{mqtt_village.code}", f"village:{serial_village.code}"),
             source="test",
             actor="pytest",
         )
@@ -77,22 +86,34 @@ async def test_wrongly_signed_commands_are_refused_on_both_links(
 async def test_unsigned_commands_are_refused(
     mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
 ) -> None:
-    village = next(v for v in district.villages() if v.link == "serial")
+    mqtt_village = next(v for v in district.villages() if v.link == "mqtt")
+    serial_village = next(v for v in district.villages() if v.link == "serial")
+    terminals = mqtt_village.terminals + serial_village.terminals
+    codes = {t.code for t in terminals}
     config = _config(shipped_config, scheme="none")  # the daemon does not sign; the terminals insist
     async with (
         running_fleet(
             config,
             district,
-            village.terminals,
+            terminals,
             mosquitto.host,
             mosquitto.port,
             verifier=bench_signer("ed25519").verifier(),
         ) as fleet,
         running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
     ):
-        run = await daemon.submit(_alert(f"village:{village.code}"), source="test", actor="pytest")
-        await settle(daemon, run.id, timeout_s=30)
-        assert _causes(daemon._report(run)) == {"unsigned"}
+        run = await daemon.submit(
+            _alert(f"village:{mqtt_village.code}", f"village:{serial_village.code}"),
+            source="test",
+            actor="pytest",
+        )
+        state = await settle(daemon, run.id, timeout_s=30)
+        assert (state["state"], state["acked"]) == ("partial", 0)
+        assert all(d.state is DState.REFUSED for d in run.deliveries.values())
+        report = daemon._report(run)
+        assert _causes(report) == {"unsigned"}
+        assert {p["terminal"] for p in report["problems"]} == codes  # every terminal of both links
+        assert {t for t, c in run.refusals if c == "unsigned"} == codes
         assert not fleet.plays()
 
 
@@ -141,3 +162,88 @@ async def test_replayed_and_stale_commands_are_refused_and_reported(
         assert all(n == 1 for n in fleet.plays().values())  # nothing played twice
         assert all(d.state is DState.CANCELLED for d in run.deliveries.values())
         await asyncio.sleep(0)
+
+
+async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_and_reported(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    """An attacker clipped onto the RS-485 pair (a tap between the bus master and the bus) injects a
+    stale command and a replay of ebcd's own frame; the terminals refuse both and say why in their
+    next poll answer, so the refusals reach the alert's report although ebcd never sent those frames."""
+    village = next(v for v in district.villages() if v.link == "serial")
+    assert village.port is not None
+    codes = {t.code for t in village.terminals}
+    config = _config(shipped_config)
+    config = config.model_copy(update={"serial": config.serial.model_copy(update={"poll_interval_s": 0.2})})
+    behind = tmp_path / "bus-behind-the-tap"
+    async with (
+        running_fleet(
+            config,
+            district,
+            village.terminals,
+            mosquitto.host,
+            mosquitto.port,
+            bus_ports={village.code: str(behind)},
+        ) as fleet,
+        serial_tap(village.port, behind) as tap,
+        running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
+    ):
+        (bus,) = fleet.buses
+        run = await daemon.submit(_alert(f"village:{village.code}"), source="test", actor="pytest")
+        assert (await settle(daemon, run.id, timeout_s=30))["state"] == "completed"  # signed by ebcd: obeyed
+        start = next(
+            f for f in tap.to_bus.frames if isinstance(f.body, BroadcastStart) and f.body.alert_id == run.id
+        )
+        assert start.signature is not None
+        captured = tap.captured(start)  # the bytes of ebcd's own command, as they crossed the line
+
+        # stale: a correctly signed command issued an hour ago, for the live alert, to the whole bus
+        old = quantize_command(
+            PlayCommand(
+                run.id,
+                run.ebmid,
+                1,
+                daemon.engine.last_seq + 10,
+                1,
+                "11B03",
+                "伪造",
+                600.0,
+                issued_at=time.time() - 3600,
+            )
+        )
+        stale = replace(old, signature=sign_command(bench_signer("ed25519"), old))
+        forged = Frame(
+            village.code, tuple(sorted(codes)), command_body(stale), 0x5EED, signature=stale.signature
+        )
+        await tap.inject(encode_frame(forged))
+        await wait_for(lambda: {t for t, c in run.refusals if c == "stale"} == codes, 10)
+
+        # replayed: ebcd's own frame, captured on the line, sent again after the alert was cancelled
+        daemon.engine.cancel(run.id, "over")
+        await tap.until(lambda: _results(tap.from_bus.frames, run.id, ResultStatus.STOPPED) == codes, 10)
+        await tap.inject(captured)
+        await wait_for(lambda: {t for t, c in run.refusals if c == "replayed"} == codes, 10)
+
+        report = daemon._report(run)
+        assert {r["cause"] for r in report["refusals"]} == {"stale", "replayed"}
+        assert {r["terminal"] for r in report["refusals"]} == codes
+        # the refusals crossed the line as the terminals' answers to heartbeat polls
+        assert _results(tap.from_bus.frames, run.id, ResultStatus.REFUSED, "stale") == codes
+        assert _results(tap.from_bus.frames, run.id, ResultStatus.REFUSED, "replayed") == codes
+        assert all(
+            set(t.refused) == {(run.id, "stale"), (run.id, "replayed")} for t in bus.terminals.values()
+        )
+        assert all(n == 1 for n in fleet.plays().values())  # nothing played twice
+        assert len(fleet.plays()) == len(codes)
+        assert all(d.state is DState.CANCELLED for d in run.deliveries.values())
+
+
+def _results(frames: list[Frame], alert_id: str, status: ResultStatus, cause: str | None = None) -> set[str]:
+    """The terminals that answered with this result for the alert, in the frames seen on a line."""
+    return {
+        f.source
+        for f in frames
+        if isinstance(f.body, BroadcastResult)
+        and (f.body.alert_id, f.body.status) == (alert_id, status)
+        and (cause is None or f.body.cause == cause)
+    }
