@@ -108,12 +108,19 @@ def run(
         bool, typer.Option("--no-journal", help="keep nothing on disk (benchmarks only)")
     ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    mqtt_protocol: Annotated[
+        str | None, typer.Option(help="auto, 5 or 3.1.1 (over the config's mqtt.protocol)")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     from ebcd.service import run_daemon
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
+    if mqtt_protocol is not None:
+        if mqtt_protocol not in ("auto", "5", "3.1.1"):
+            raise typer.BadParameter("expected auto, 5 or 3.1.1", param_hint="--mqtt-protocol")
+        cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"protocol": mqtt_protocol})})
     raise typer.Exit(
         run_daemon(
             cfg,
@@ -147,6 +154,7 @@ def simulate(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
+    from ebcd.security.signing import SecurityError
     from simulators.runner import run_simulators
 
     logsetup.setup(log_level)
@@ -163,7 +171,7 @@ def simulate(
             faults_report=faults_report,
             bus_faults=bus_faults,
         )
-    except ValueError as e:
+    except (ValueError, SecurityError) as e:  # SecurityError: key, password, CA or certificate files
         raise _fail(str(e)) from None
     raise typer.Exit(code)
 

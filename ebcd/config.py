@@ -55,13 +55,20 @@ class MqttConfig(_Strict):
     broker: str = "mqtt://127.0.0.1:1883"
     client_id: str | None = None
     username: str | None = None
-    password_file: str | None = None
+    password_file: str | None = None  # its first line is the password; not readable by others
+    # mqtts:// only (ebcd.security.mqtt_auth); paths relative to the config file's directory
+    ca_file: str | None = None  # PEM CA certificate(s) to trust instead of the system's CA store
+    cert_file: str | None = None  # PEM client certificate, for a broker that requires one ...
+    key_file: str | None = None  # ... and its unencrypted PEM private key (not readable by others)
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
     publish_concurrency: int = Field(default=200, ge=1, le=10_000)
     outgoing_queue_size: int = Field(default=20_000, ge=10)
     ingest_queue_size: int = Field(default=1000, ge=1)
+    # MQTT 5 lets upstream systems ask for an answer (response topic + correlation data); "auto"
+    # speaks 5 and falls back to 3.1.1 when a broker refuses it
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
     group_topics: bool = True
 
     @field_validator("broker")
@@ -142,6 +149,15 @@ class SimulatorConfig(_Strict):
     play_time_s: float = Field(default=1.0, ge=0)
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     connect_concurrency: int = Field(default=50, ge=1)
+    # Broker login of the simulated terminals (ebcd.security.mqtt_auth); paths relative to the
+    # config file's directory. A directory holding one file per terminal, named by its 23-digit
+    # resource code (its MQTT user name), its password on the first line; the file `_all` serves
+    # every terminal without a file of its own. None: the terminals log in anonymously.
+    credentials_dir: str | None = None
+    # mqtts:// only: a client certificate every simulated terminal presents (one for the bench),
+    # for a broker that requires one; the CA to trust is [mqtt] ca_file.
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 class Config(_Strict):

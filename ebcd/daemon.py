@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -33,10 +34,11 @@ from ebcd.ingest.json_alert import parse_json_alert
 from ebcd.metrics import Metrics
 from ebcd.protocols import mqtt_codec
 from ebcd.protocols.mqtt_codec import CodecError, Topics
-from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will
+from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will, response_properties, response_target
 from ebcd.protocols.serial_link import SerialBusMaster
 from ebcd.schedule import TestOutcome, due, previous_fire
 from ebcd.security.bench import BENCH, signer_from
+from ebcd.security.mqtt_auth import read_secret, tls_context
 from ebcd.store import Journal, JournalError, NullJournal
 from ebcd.tiers.district import District
 from ebcd.tiers.rollup import Tally
@@ -93,11 +95,13 @@ class Daemon:
             host=host,
             port=port,
             tls=tls,
+            tls_context=_tls_context(config, tls),
             client_id=config.mqtt.client_id or f"ebcd-{district.code}-{digest}",
             username=config.mqtt.username,
             password=_read_secret(config.mqtt.password_file, config.base_dir),
             keepalive_s=config.mqtt.keepalive_s,
             clean_session=False,
+            protocol=config.mqtt.protocol,
             subscriptions=[self.topics.alerts_in, self.topics.all_reports, self.topics.all_presence],
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -330,6 +334,7 @@ class Daemon:
                 self._reject(
                     payload,
                     IngestError(Reason.UNSUPPORTED, "ingest queue full: ebcd is overloaded, send again"),
+                    properties,
                 )
             return
         terminal = self.topics.terminal_of(topic)
@@ -364,7 +369,7 @@ class Daemon:
         # and the terminals' de-duplication keeps them from playing twice.
         self._transitions.append((alert_id, terminal, state, detail, time.time()))
 
-    def _reject(self, payload: bytes, err: IngestError) -> None:
+    def _reject(self, payload: bytes, err: IngestError, properties: Any = None) -> None:
         self.metrics.rejected.labels(err.reason.value).inc()
         doc = {
             "reason": err.reason.value,
@@ -373,33 +378,58 @@ class Daemon:
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
         self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
+        self._respond(properties, {"status": "rejected", **doc})
         log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)
+
+    def _respond(self, properties: Any, doc: dict[str, Any]) -> None:
+        """Answer an MQTT 5 request on its response topic, with its correlation data."""
+        target = response_target(properties)
+        if target is None:
+            return
+        topic, correlation = target
+        self.link.enqueue(
+            topic,
+            json.dumps(doc, ensure_ascii=False).encode(),
+            properties=response_properties(correlation),
+        )
 
     # -- ingest ----------------------------------------------------------------------------
     async def _ingest_loop(self) -> None:
         while True:
-            topic, payload, _props = await self._ingest.get()
+            topic, payload, props = await self._ingest.get()
             self.metrics.queue_depth.labels("ingest").set(self._ingest.qsize())
-            await self._ingest_one(topic, payload)
+            await self._ingest_one(topic, payload, props)
 
-    async def _ingest_one(self, topic: str, payload: bytes) -> None:
+    async def _ingest_one(self, topic: str, payload: bytes, properties: Any = None) -> None:
         assert self._journal is not None  # noqa: S101
         try:
             row = await self._journal.record_received(topic, payload, time.time(), source="mqtt")
         except JournalError as e:
-            self._reject(payload, IngestError(Reason.JOURNAL, f"could not journal the message: {e}"))
+            err = IngestError(Reason.JOURNAL, f"could not journal the message: {e}")
+            self._reject(payload, err, properties)
             return
         try:
             request = self.parse_upstream(payload)
             run = await self.submit(request, source="mqtt", actor=request.sender or "upstream")
         except IngestError as e:
-            self._reject(payload, e)
+            self._reject(payload, e, properties)
             await self._journal.mark_received(
                 row, outcome="rejected", detail=f"{e.reason.value}: {e.detail}", alert_id=None
             )
             return
         await self._journal.mark_received(
             row, outcome="accepted", detail=request.msg_type.value, alert_id=run.id
+        )
+        self._respond(
+            properties,
+            {
+                "status": "accepted",
+                "msg_type": request.msg_type.value,
+                "id": run.id,
+                "identifier": request.identifier,
+                "state": run.state.value,
+                "state_topic": self.topics.alert_state(run.id),
+            },
         )
 
     def parse_upstream(self, payload: bytes) -> AlertRequest:
@@ -790,7 +820,19 @@ class Daemon:
 
 
 def _read_secret(path: str | None, base: Path) -> str | None:
-    if not path:
+    # MqttAuthError (naming the key and the file) if it cannot be read or is open to others
+    return read_secret(path, base=base, key="[mqtt] password_file")
+
+
+def _tls_context(config: Config, tls: bool) -> ssl.SSLContext | None:
+    """The TLS context of an mqtts:// broker from [mqtt] ca_file, cert_file, key_file."""
+    m = config.mqtt
+    if not tls:
+        if m.ca_file or m.cert_file or m.key_file:
+            log.warning(
+                "mqtt.tls_files_unused", hint="ca_file, cert_file and key_file apply to mqtts:// only"
+            )
         return None
-    p = Path(path) if Path(path).is_absolute() else base / path
-    return p.read_text(encoding="utf-8").strip()
+    return tls_context(
+        base=config.base_dir, section="[mqtt]", ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file
+    )

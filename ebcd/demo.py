@@ -91,6 +91,8 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
                     str(work),
                     "--metrics-port",
                     "0",
+                    # amqtt speaks MQTT 3.1.1 only; an external broker gets the config's choice
+                    *(["--mqtt-protocol", "3.1.1"] if embedded is not None else []),
                 ],
                 work / "daemon.log",
             )

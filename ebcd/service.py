@@ -14,6 +14,7 @@ from ebcd import log as logsetup
 from ebcd import sdnotify
 from ebcd.config import Config
 from ebcd.daemon import Daemon
+from ebcd.security.mqtt_auth import MqttAuthError
 from ebcd.security.signing import SecurityError
 from ebcd.tiers.district import District
 
@@ -44,6 +45,9 @@ def run_daemon(
         daemon = Daemon(
             config, district, state_dir=directory, broker=broker, metrics_port=metrics_port, journal=journal
         )
+    except MqttAuthError as e:  # a password, CA, certificate or key file of [mqtt]
+        log.error("daemon.mqtt_credentials", error=str(e))
+        return 1
     except SecurityError as e:
         log.error("daemon.signing_key", error=str(e))
         return 1

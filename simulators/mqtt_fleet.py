@@ -1,18 +1,26 @@
-"""Simulated IP/4G terminals: each one its own MQTT connection, with birth, heartbeat and will."""
+"""Simulated IP/4G terminals: each one its own MQTT connection, with birth, heartbeat and will.
+
+With `[simulator] credentials_dir` each terminal logs in as a real one does: its 23-digit
+resource code as user name (what the broker ACL's `%u` patterns expect) and its own password
+(ebcd.security.mqtt_auth); over mqtts:// they verify the broker with `[mqtt] ca_file`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
 
+from ebcd.config import Config
 from ebcd.protocols import mqtt_codec
 from ebcd.protocols.messages import Liveness, TerminalPresence
 from ebcd.protocols.mqtt_codec import CodecError, Topics
 from ebcd.protocols.mqtt_link import MqttLink, Will
+from ebcd.security.mqtt_auth import terminal_passwords, tls_context
 from ebcd.security.replay import REPLAY_WINDOW_S
 from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District
@@ -40,6 +48,8 @@ class SimTerminal:
         behaviour: TerminalBehaviour,
         *,
         session_base: int,
+        tls_context: ssl.SSLContext | None = None,
+        password: str | None = None,
     ) -> None:
         self.terminal = terminal
         self.behaviour = behaviour
@@ -52,6 +62,11 @@ class SimTerminal:
             host=host,
             port=port,
             client_id=f"sim-{terminal.code}",
+            # a terminal with a password logs in with its code as user name, as real ones do
+            username=terminal.code if password is not None else None,
+            password=password,
+            tls=tls_context is not None,
+            tls_context=tls_context,
             subscriptions=subs,
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -110,6 +125,30 @@ class SimTerminal:
         self.link.enqueue(self.topics.report(self.terminal.code), mqtt_codec.encode_report(step.report))
 
 
+def fleet_login(
+    config: Config, codes: Sequence[str], *, tls: bool
+) -> tuple[ssl.SSLContext | None, dict[str, str] | None]:
+    """The TLS context (for an mqtts:// broker) and the passwords (code -> password, if
+    `[simulator] credentials_dir` is set) of these terminals; MqttAuthError naming the config
+    key and the file for anything missing or unsafe."""
+    sim = config.simulator
+    context = None
+    if tls:
+        context = tls_context(
+            base=config.base_dir,
+            section="[simulator]",
+            ca_file=config.mqtt.ca_file,  # the broker's CA: the same for ebcd and its terminals
+            cert_file=sim.cert_file,
+            key_file=sim.key_file,
+        )
+    passwords = None
+    if sim.credentials_dir:
+        passwords = terminal_passwords(
+            sim.credentials_dir, codes, base=config.base_dir, key="[simulator] credentials_dir"
+        )
+    return context, passwords
+
+
 class MqttFleet:
     """Every simulated MQTT terminal of (part of) a district."""
 
@@ -126,7 +165,11 @@ class MqttFleet:
         connect_concurrency: int = 50,
         verifier: Verifier | None = None,
         replay_window_s: float = REPLAY_WINDOW_S,
+        tls_context: ssl.SSLContext | None = None,
+        passwords: Mapping[str, str] | None = None,
     ) -> None:
+        """`tls_context`: connect over TLS with it; `passwords`: terminal code -> its password
+        (see `fleet_login`); without one a terminal connects anonymously."""
         self.district = district
         self.plan = plan
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -145,6 +188,8 @@ class MqttFleet:
                 port,
                 TerminalBehaviour(t.code, play_time_s, plan.of(t.code), check=check()),
                 session_base=session_base,
+                tls_context=tls_context,
+                password=passwords.get(t.code) if passwords is not None else None,
             )
             for t in terminals
         ]

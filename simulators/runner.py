@@ -19,7 +19,7 @@ from ebcd.security.bench import verifier_from
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import plan
-from simulators.mqtt_fleet import MqttFleet
+from simulators.mqtt_fleet import MqttFleet, fleet_login
 from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 log = structlog.get_logger("ebcd.simulator")
@@ -54,8 +54,15 @@ def run_simulators(
         faults_report.write_text(json.dumps(fault_plan.summary(), indent=1))
     for fault, codes in fault_plan.summary().items():
         log.info("simulator.faults", fault=fault, terminals=len(codes))
-    host, port, _tls = parse_broker_url(broker or config.mqtt.broker)
+    host, port, tls = parse_broker_url(broker or config.mqtt.broker)
     mqtt_terms = [t for t in terminals if t.link == "mqtt"]
+    tls_context, passwords = fleet_login(config, [t.code for t in mqtt_terms], tls=tls)
+    log.info(
+        "simulator.login",
+        tls=tls,
+        credentials=config.simulator.credentials_dir if passwords is not None else None,
+        terminals=len(mqtt_terms),
+    )
     sec = config.security
     verifier = None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
     fleet = MqttFleet(
@@ -69,6 +76,8 @@ def run_simulators(
         connect_concurrency=config.simulator.connect_concurrency,
         verifier=verifier,
         replay_window_s=sec.replay_window_s,
+        tls_context=tls_context,
+        passwords=passwords,
     )
     faults_on_bus = BusFaults.parse(bus_faults) if bus_faults else BusFaults()
     play_time = config.simulator.play_time_s if play_time_s is None else play_time_s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import FaultPlan
-from simulators.mqtt_fleet import MqttFleet
+from simulators.mqtt_fleet import MqttFleet, fleet_login
 from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 
@@ -63,18 +63,26 @@ async def running_fleet(
     plan: FaultPlan | None = None,
     bus_faults: BusFaults | None = None,
     verifier: Verifier | Literal["config"] | None = "config",
+    bus_ports: Mapping[str, str] | None = None,
+    tls: bool = False,
 ) -> AsyncIterator[MqttFleet]:
     """Every given terminal simulated on its own link: MQTT ones connected (but the offline ones),
-    serial ones on a simulated bus at their room's port, when the block starts."""
+    serial ones on a simulated bus at their room's port, when the block starts.
+
+    `bus_ports` moves the bus of a room (by room code) to another port, e.g. behind a `SerialTap`
+    that the room's port then leads to. `tls`: the broker is mqtts://. The terminals log in with
+    the config's credentials, as `ebcd simulate` does (`[simulator] credentials_dir`, `[mqtt] ca_file`)."""
     wanted = {t.code for t in terminals}
     sec = config.security
     if verifier == "config":  # the terminals trust what the config says, as `ebcd simulate` does
         verifier = (
             None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
         )
+    on_mqtt = [t for t in terminals if t.link == "mqtt"]
+    tls_context, passwords = fleet_login(config, [t.code for t in on_mqtt], tls=tls)
     fleet = MqttFleet(
         district,
-        [t for t in terminals if t.link == "mqtt"],
+        on_mqtt,
         host,
         port,
         plan=plan or FaultPlan(),
@@ -83,6 +91,8 @@ async def running_fleet(
         connect_concurrency=100,
         verifier=verifier,
         replay_window_s=sec.replay_window_s,
+        tls_context=tls_context,
+        passwords=passwords,
     )
     async with contextlib.AsyncExitStack() as stack:
         for village in district.villages():
@@ -98,7 +108,7 @@ async def running_fleet(
                 replay_window_s=sec.replay_window_s,
             )
             await stack.enter_async_context(bus)
-            await bus.start_pty(link=village.port)
+            await bus.start_pty(link=(bus_ports or {}).get(village.code, village.port))
             fleet.buses.append(bus)
         task = asyncio.create_task(fleet.run(), name="fleet")
         try:

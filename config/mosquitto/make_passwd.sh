@@ -8,6 +8,8 @@
 #   ebcd          the daemon (the same password as in ebcd.toml's [mqtt] password_file)
 #   upstream*     every upstream alert system that has a secret file (each needs its ACL block)
 #   <code>        every terminal of TERMINALS_CSV: its 23-digit resource code is its user name
+#   _all          optional, test benches: the secret of every terminal without a file of its own
+#                 (`[simulator] credentials_dir` of ebcd.toml reads the same layout)
 # Every account of the ledger needs a secret: the script names each missing one and changes
 # nothing. -g generates a random secret for each missing account instead (then give the
 # terminals theirs when they are provisioned).
@@ -23,7 +25,7 @@ secrets=/etc/ebcd/mqtt-secrets
 out=/etc/mosquitto/ebcd.passwd
 generate=0
 
-usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,19s/^# \{0,1\}//p' "$0"; }
 while getopts "t:s:o:gh" opt; do
   case $opt in
     t) terminals=$OPTARG ;;
@@ -57,9 +59,20 @@ while IFS=, read -r code _; do
 done < <(tail -n +2 "$terminals")
 mapfile -t users < <(printf '%s\n' "${users[@]}" | awk '!seen[$0]++')
 
+# The secret file of each user: its own, or for a terminal without one the shared _all.
+shared="$secrets/_all"
+[ ! -e "$shared" ] || [ -s "$shared" ] || die "$shared is empty: delete it or put the shared password in it"
+declare -A file_of
+for user in "${users[@]}"; do
+  file_of[$user]="$secrets/$user"
+  if [ ! -e "$secrets/$user" ] && [ -e "$shared" ] && [[ $user =~ ^[0-9]{23}$ ]]; then
+    file_of[$user]=$shared
+  fi
+done
+
 missing=()
 for user in "${users[@]}"; do
-  f="$secrets/$user"
+  f=${file_of[$user]}
   if [ ! -s "$f" ]; then
     if [ "$generate" = 1 ]; then
       # 24 random bytes, base64: no ':' and no newline, which the password file cannot hold.
@@ -80,11 +93,12 @@ fi
 tmp=$(mktemp "$(dirname "$out")/.ebcd.passwd.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
 for user in "${users[@]}"; do
-  IFS= read -r password <"$secrets/$user" || true
+  f=${file_of[$user]}
+  IFS= read -r password <"$f" || true
   password=${password%$'\r'}
-  [ -n "$password" ] || die "$secrets/$user: the first line (the password) is empty"
+  [ -n "$password" ] || die "$f: the first line (the password) is empty"
   # mosquitto_passwd -U reads "user:password" and silently cuts a password at a second ':'.
-  [[ $password != *:* ]] || die "$secrets/$user: the password contains ':', which mosquitto_passwd -U would cut off"
+  [[ $password != *:* ]] || die "$f: the password contains ':', which mosquitto_passwd -U would cut off"
   printf '%s:%s\n' "$user" "$password" >>"$tmp"
 done
 mosquitto_passwd -U "$tmp"

@@ -15,14 +15,19 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = structlog.get_logger("ebcd.mqtt")
 
 DISCONNECT_TIMEOUT_S = 2.0
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5: keep a persistent session as MQTT 3.1.1 does
+
+Protocol = Literal["auto", "5", "3.1.1"]
 
 
 class LinkState(IntEnum):
@@ -51,6 +56,25 @@ class Outgoing:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    properties: Properties | None = None  # MQTT 5 only (e.g. correlation data); dropped on 3.1.1
+
+
+def response_properties(correlation_data: bytes | None) -> Properties | None:
+    """PUBLISH properties for an MQTT 5 response: the requester's correlation data, if any."""
+    if correlation_data is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.CorrelationData = correlation_data
+    return props
+
+
+def response_target(properties: Any) -> tuple[str, bytes | None] | None:
+    """The MQTT 5 response topic and correlation data of a received message, if it asked for one."""
+    topic = getattr(properties, "ResponseTopic", None)
+    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
+        return None
+    data = getattr(properties, "CorrelationData", None)
+    return topic, bytes(data) if isinstance(data, bytes | bytearray) else None
 
 
 MessageHandler = Callable[[str, bytes, bool, Any], None]  # topic, payload, retain, properties
@@ -70,10 +94,12 @@ class MqttLink:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         will: Callable[[], Will | None] | None = None,
         tls: bool = False,
+        tls_context: ssl.SSLContext | None = None,
         username: str | None = None,
         password: str | None = None,
         keepalive_s: int = 30,
         clean_session: bool = True,
+        protocol: Protocol = "3.1.1",
         reconnect_initial_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         publish_workers: int = 16,
@@ -88,7 +114,12 @@ class MqttLink:
         self._on_connect = on_connect
         self._will = will
         self._tls, self._username, self._password = tls, username, password
+        # with tls: the context to verify the broker with (ebcd.security.mqtt_auth.tls_context),
+        # else the system's CA store; hostname checking is the context's (on by default)
+        self._tls_context = tls_context
         self._keepalive_s, self._clean_session = keepalive_s, clean_session
+        self._protocol: Protocol = protocol
+        self._v5 = protocol in ("auto", "5")  # "auto" starts with MQTT 5, falls back on refusal
         self._reconnect = (reconnect_initial_s, reconnect_max_s)
         self._workers = publish_workers
         self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=queue_size)
@@ -103,10 +134,23 @@ class MqttLink:
         self._log = log.bind(client_id=client_id)
 
     # -- publishing ------------------------------------------------------------------------
-    def enqueue(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+    @property
+    def speaks_v5(self) -> bool:
+        """Whether the connection (or the next attempt) uses MQTT 5."""
+        return self._v5
+
+    def enqueue(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> bool:
         """Queue a message for the publisher workers; False (logged, counted) if the queue is full."""
         try:
-            self._queue.put_nowait(Outgoing(topic, payload, qos, retain))
+            self._queue.put_nowait(Outgoing(topic, payload, qos, retain, properties))
         except asyncio.QueueFull:
             self._drop("outgoing queue full", topic)
             return False
@@ -153,7 +197,20 @@ class MqttLink:
 
     def _make_client(self) -> aiomqtt.Client:
         will = self._will() if self._will else None
-        tls_context = ssl.create_default_context() if self._tls else None
+        tls_context = (self._tls_context or ssl.create_default_context()) if self._tls else None
+        if self._v5:
+            # MQTT 5 has no clean-session flag: a persistent session is clean_start=False plus
+            # a session expiry interval (0, the default, would end the session at disconnect)
+            connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if not self._clean_session:
+                connect.SessionExpiryInterval = SESSION_NEVER_EXPIRES
+            session: dict[str, Any] = {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": self._clean_session,
+                "properties": connect,
+            }
+        else:
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": self._clean_session}
         return aiomqtt.Client(
             self._host,
             self._port,
@@ -161,7 +218,7 @@ class MqttLink:
             username=self._username,
             password=self._password,
             keepalive=self._keepalive_s,
-            clean_session=self._clean_session,
+            **session,
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
             tls_context=tls_context,
             max_inflight_messages=max(20, self._workers),
@@ -176,7 +233,11 @@ class MqttLink:
             self._set_state(LinkState.CONNECTING)
             client = self._make_client()
             try:
-                await client.__aenter__()
+                try:
+                    await client.__aenter__()
+                except aiomqtt.MqttError:
+                    _abandon(client)
+                    raise
                 # our workers bound the publishes in flight; aiomqtt's warning threshold follows them
                 client.pending_calls_threshold = self._workers + 10
                 self._client = client
@@ -189,6 +250,13 @@ class MqttLink:
                     await self._disconnect(client)
             except aiomqtt.MqttError as e:
                 _stay_cancelled(e)
+                if self._protocol == "auto" and self.connects == 0 and _handshake_failed(e):
+                    # a broker that refuses MQTT 5 or never answers its CONNECT: try the other
+                    # version next; the first that connects is kept for the life of the process
+                    self._v5 = not self._v5
+                    self._log.warning("mqtt.protocol_switch", to="5" if self._v5 else "3.1.1", reason=str(e))
+                    if not self._v5:
+                        continue
                 failures += 1
                 delay = min(self._reconnect[1], self._reconnect[0] * 2 ** min(failures - 1, 16))
                 delay *= rng.uniform(0.5, 1.0)
@@ -252,12 +320,36 @@ class MqttLink:
                 raise asyncio.CancelledError
             msg = await self._queue.get()
             try:
-                await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=10)
+                await client.publish(
+                    msg.topic,
+                    msg.payload,
+                    qos=msg.qos,
+                    retain=msg.retain,
+                    properties=msg.properties if self._v5 else None,
+                    timeout=10,
+                )
             except aiomqtt.MqttError as e:
                 _stay_cancelled(e)
                 self._drop(f"publish failed: {e}", msg.topic)
             finally:
                 self._queue.task_done()
+
+
+def _abandon(client: aiomqtt.Client) -> None:
+    """Close a connection whose CONNECT failed: aiomqtt leaves its socket and housekeeping task
+    behind when the broker never answers, one of each per attempt."""
+    sock = client._client.socket()
+    if sock is not None:
+        client._client._sock_close()  # through paho, so aiomqtt's socket-closed hook runs
+    task = client._misc_task
+    if task is not None and not task.done():
+        task.cancel()
+
+
+def _handshake_failed(error: aiomqtt.MqttError) -> bool:
+    """Whether the broker took the TCP connection but refused or never answered the CONNECT
+    (as a broker that speaks only MQTT 3.1.1 may do with an MQTT 5 CONNECT)."""
+    return isinstance(error, aiomqtt.MqttCodeError) or str(error) == "Operation timed out"
 
 
 def _stay_cancelled(error: aiomqtt.MqttError) -> None:
