@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,7 +79,18 @@ def _state_dir(state_dir: Path | None, config_path: Path | None) -> Path:
 
 
 def _client(state_dir: Path | None, config_path: Path | None) -> ControlClient:
-    return ControlClient(_state_dir(state_dir, config_path) / SOCKET_NAME)
+    return ControlClient(_state_dir(state_dir, config_path) / SOCKET_NAME, token=_operator_token())
+
+
+def _operator_token() -> str | None:
+    """The operator credential named by EBCD_TOKEN_FILE, if set (see [[operators]] token_file)."""
+    name = os.environ.get("EBCD_TOKEN_FILE")
+    if not name:
+        return None
+    try:
+        return Path(name).read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise _fail(f"EBCD_TOKEN_FILE={name}: cannot read an operator token: {e}") from None
 
 
 def _ask(client: ControlClient, op: str, **args: Any) -> dict[str, Any]:

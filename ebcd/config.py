@@ -134,6 +134,33 @@ class SecurityConfig(_Strict):
     replay_window_s: float = Field(default=300.0, gt=0)  # terminals refuse commands older than this
 
 
+class UpstreamSender(_Strict):
+    """One upstream alert system and what it may address."""
+
+    sender: str = Field(min_length=1, max_length=256)  # CAP <sender>, or the JSON alert's "sender"
+    levels: list[int] = Field(default_factory=list)  # empty: every level
+    event_types: list[str] = Field(default_factory=list)  # codes or patterns ("11B*"); empty: all
+    area: list[str] = Field(default_factory=list)  # all | town:CODE | village:CODE | area:CODE; empty: all
+    signed_by: list[str] = Field(default_factory=list)  # PEM certificates: its CAP must carry XML-DSig
+    allow_sha1: bool = False  # accept RSA-SHA1 / SHA-1 digests from this sender (older feeds)
+
+
+class UpstreamConfig(_Strict):
+    """Upstream authority: with senders listed, an unlisted sender's alert is refused."""
+
+    senders: list[UpstreamSender] = Field(default_factory=list)
+
+
+class OperatorConfig(_Strict):
+    """A room's operators on the control socket: OS users or groups, or a token in a file."""
+
+    room: str = Field(pattern=r"^\d{23}$")  # the district, a town or a village room
+    name: str | None = None
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    token_file: str | None = None  # the CLI presents it with EBCD_TOKEN_FILE
+
+
 class DaemonConfig(_Strict):
     """Where the daemon keeps its journal and socket, and serves metrics."""
 
@@ -171,6 +198,8 @@ class Config(_Strict):
     review: ReviewConfig = ReviewConfig()
     priority: PriorityConfig = PriorityConfig()
     security: SecurityConfig = SecurityConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    operators: list[OperatorConfig] = Field(default_factory=list)  # [[operators]] tables
     test_broadcast: list[TestBroadcastConfig] = Field(default_factory=list)  # [[test_broadcast]] tables
     daemon: DaemonConfig = DaemonConfig()
     simulator: SimulatorConfig = SimulatorConfig()

@@ -134,8 +134,9 @@ class NoDaemon(Exception):
 class ControlClient:
     """The CLI's side of the control socket."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, token: str | None = None) -> None:
         self.path = path
+        self.token = token  # an operator credential ([[operators]] token_file), sent with each request
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request, return the one answer."""
@@ -156,7 +157,10 @@ class ControlClient:
         except PermissionError:
             raise NoDaemon(f"no permission to use {self.path}: are you in the ebcd group?") from None
         try:
-            writer.write(json.dumps({"op": op, **args}, ensure_ascii=False).encode() + b"\n")
+            request = {"op": op, **args}
+            if self.token is not None:
+                request["token"] = self.token
+            writer.write(json.dumps(request, ensure_ascii=False).encode() + b"\n")
             await writer.drain()
             while line := await reader.readline():
                 answer = json.loads(line)

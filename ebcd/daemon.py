@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 from ebcd import __version__
 from ebcd.alert import AlertRequest, MsgType, Origin
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
+from ebcd.authority import DISTRICT_WIDE, OperatorAuthority, Scope, UpstreamAuthority, as_room
 from ebcd.codes import ebmid as make_ebmid
 from ebcd.config import Config, parse_broker_url
 from ebcd.control import SOCKET_NAME, ControlError, Peer, serve
@@ -124,6 +125,8 @@ class Daemon:
                 scheme=sec.scheme,
                 hint="the published test-bench key: generate your own with ebcd keys generate",
             )
+        self.upstream = UpstreamAuthority(config, district)
+        self.operators = OperatorAuthority(config, district)
         self.serial_masters = self._serial_masters()
         self.serial = SerialTransport(self.serial_masters, self.metrics)
         self.engine = Engine(
@@ -199,6 +202,16 @@ class Daemon:
             state_dir=str(self.state_dir),
             metrics_port=self.bound_metrics_port,
         )
+        if self.upstream.open:
+            log.warning(
+                "upstream.open",
+                hint="no [[upstream.senders]] listed: any sender that may publish to "
+                f"{self.topics.alerts_in} may alert the whole district",
+            )
+        if self.operators.open:
+            log.info(
+                "operators.open", hint="no [[operators]] listed: the control socket acts for the district"
+            )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="mqtt-link")
@@ -410,7 +423,8 @@ class Daemon:
             return
         try:
             request = self.parse_upstream(payload)
-            run = await self.submit(request, source="mqtt", actor=request.sender or "upstream")
+            scope = self.upstream.scope(request)
+            run = await self.submit(request, source="mqtt", actor=request.sender or "upstream", scope=scope)
         except IngestError as e:
             self._reject(payload, e, properties)
             await self._journal.mark_received(
@@ -433,39 +447,56 @@ class Daemon:
         )
 
     def parse_upstream(self, payload: bytes) -> AlertRequest:
-        """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError."""
-        head = payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
-        if not head.startswith(b"<"):
-            return parse_json_alert(payload)
+        """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError. The sender is vouched
+        for (listed, signature verified) as soon as it is known, before the content is judged."""
+        if not _is_xml(payload):
+            request = parse_json_alert(payload)
+            self.upstream.vouch(request.sender, request.identifier, payload, is_cap=False)
+            return request
         cap = parse_cap(
-            payload, district_area=self.district.area, default_ttl_s=self.config.delivery.default_ttl_s
+            payload,
+            district_area=self.district.area,
+            default_ttl_s=self.config.delivery.default_ttl_s,
+            vouch=lambda m: self.upstream.vouch(m.sender, m.identifier, payload, is_cap=True),
         )
         # Updates and cancels are matched on (sender, identifier), as CAP's references name them.
         refs = [f"{r.sender},{r.identifier}" for r in cap.references]
         return cap.request.model_copy(update={"references": refs, "sender": cap.sender})
 
-    async def submit(self, request: AlertRequest, *, source: str, actor: str) -> AlertRun:
-        """Accept an alert (or an update or cancel of one) durably, or raise IngestError."""
+    async def submit(
+        self, request: AlertRequest, *, source: str, actor: str, scope: Scope = DISTRICT_WIDE
+    ) -> AlertRun:
+        """Accept an alert (or an update or cancel of one) durably, or raise IngestError.
+
+        `scope` is what the asking sender or operator may address; the alert's terminals (and,
+        for an update or cancel, those of the alert it changes) must all lie within it."""
         key = (request.sender, request.identifier) if request.sender and request.identifier else None
         if key and key in self._dedupe:
             raise IngestError(
                 Reason.DUPLICATE, f"already accepted as alert {self._dedupe[key]}", request.identifier
             )
         if request.msg_type is MsgType.CANCEL:
-            run = await self._cancel_referenced(request, actor)
+            run = await self._cancel_referenced(request, actor, scope, source)
         elif request.msg_type is MsgType.UPDATE:
-            run = await self._update_referenced(request)
+            run = await self._update_referenced(request, scope, source)
         else:
-            return await self._accept(request, source=source, actor=actor, key=key)
+            return await self._accept(request, source=source, actor=actor, key=key, scope=scope)
         if key:  # an update or cancel is itself a message that must not be applied twice
             self._dedupe[key] = run.id
             await self._save(run, key)
         return run
 
     async def _accept(
-        self, request: AlertRequest, *, source: str, actor: str, key: tuple[str, str] | None
+        self,
+        request: AlertRequest,
+        *,
+        source: str,
+        actor: str,
+        key: tuple[str, str] | None,
+        scope: Scope,
     ) -> AlertRun:
         terminals = self._resolve(request)
+        scope.check(terminals, request.identifier, "alert")
         self._check_origin(request, terminals)
         alert_id, ebmid = self._next_id()
         hold = self.config.review.holds(request.level, request.sender, source)
@@ -541,8 +572,8 @@ class Daemon:
                 Reason.JOURNAL, f"could not journal the alert: {e}", run.request.identifier
             ) from None
 
-    async def _update_referenced(self, request: AlertRequest) -> AlertRun:
-        run = self._referenced(request)
+    async def _update_referenced(self, request: AlertRequest, scope: Scope, source: str) -> AlertRun:
+        run = self._referenced(request, scope, source)
         old = run.request
         merged = request.model_copy(
             update={
@@ -554,6 +585,7 @@ class Daemon:
             }
         )
         terminals = self._resolve(merged)
+        scope.check(terminals, request.identifier, "alert")
         if self.engine.update(run.id, merged, terminals) is None:
             raise IngestError(
                 Reason.UNKNOWN_REFERENCE,
@@ -562,17 +594,29 @@ class Daemon:
             )
         return run
 
-    def _referenced(self, request: AlertRequest) -> AlertRun:
+    def _referenced(self, request: AlertRequest, scope: Scope, source: str) -> AlertRun:
+        """The alert an update or cancel names, if the asker may change it."""
         for ref in request.references:
             alert_id = self._resolve_reference(ref)
             if alert_id is not None and alert_id in self.engine.runs:
-                return self.engine.runs[alert_id]
+                run = self.engine.runs[alert_id]
+                if source == "mqtt" and run.request.sender != request.sender:
+                    raise IngestError(
+                        Reason.NOT_ALLOWED,
+                        f"alert {run.id} was sent by {run.request.sender or run.actor!r}; only its sender "
+                        "may update or cancel it",
+                        request.identifier,
+                    )
+                scope.check(run.deliveries, request.identifier, "change alerts of")
+                return run
         raise IngestError(
             Reason.UNKNOWN_REFERENCE, f"no alert matches references {request.references}", request.identifier
         )
 
-    async def _cancel_referenced(self, request: AlertRequest, actor: str) -> AlertRun:
-        run = self._referenced(request)
+    async def _cancel_referenced(
+        self, request: AlertRequest, actor: str, scope: Scope, source: str
+    ) -> AlertRun:
+        run = self._referenced(request, scope, source)
         if self.engine.cancel(run.id, f"cancelled by {actor}") is None:
             raise IngestError(
                 Reason.UNKNOWN_REFERENCE,
@@ -681,43 +725,12 @@ class Daemon:
     ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         op = req["op"]
         if op in ("send", "cancel", "approve", "reject"):
-            log.info("control.command", op=op, user=peer.user, uid=peer.uid, pid=peer.pid)
-            if self._journal is not None:
-                await self._journal.record_audit(peer.user, op, {k: v for k, v in req.items() if k != "op"})
-        if op == "send":
-            if self.stopping.is_set():
-                raise ControlError("stopping", "the daemon is stopping and takes no new alerts")
-            try:
-                request = AlertRequest.model_validate(req.get("alert") or {})
-            except ValueError as e:
-                raise ControlError("invalid", str(e)) from None
-            try:
-                run = await self.submit(request, source="cli", actor=peer.user)
-            except IngestError as e:
-                raise ControlError(e.reason.value, e.detail) from None
-            return {"id": run.id, "state": run.state_doc(self.district, self.engine.clock())}
+            return await self._command(op, req, peer)
         if op == "status":
             return {"state": self._run(req).state_doc(self.district, self.engine.clock())}
         if op == "list":
             now = self.engine.clock()
             return {"alerts": [r.state_doc(self.district, now) for r in self.engine.runs.values()]}
-        if op == "cancel":
-            run = self._run(req)
-            if self.engine.cancel(run.id, f"cancelled by {peer.user}") is None:
-                raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
-            return {"state": run.state_doc(self.district, self.engine.clock())}
-        if op == "approve":
-            run = self._run(req)
-            if self.engine.approve(run.id) is None:
-                raise ControlError(
-                    "not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})"
-                )
-            return {"state": run.state_doc(self.district, self.engine.clock())}
-        if op == "reject":
-            run = self._run(req)
-            if self.engine.cancel(run.id, f"rejected in review by {peer.user}", AlertState.REJECTED) is None:
-                raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
-            return {"state": run.state_doc(self.district, self.engine.clock())}
         if op == "watch":
             return self._watch(self._run(req))
         if op == "report":
@@ -725,6 +738,52 @@ class Daemon:
         if op == "terminals":
             return {"terminals": self._terminals()}
         raise ControlError("bad_request", f"unknown op {op!r}")
+
+    async def _command(self, op: str, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """send, cancel, approve, reject: journalled with who asked, refused outside their scope."""
+        assert self._journal is not None  # noqa: S101
+        token = req.get("token")
+        detail = {k: v for k, v in req.items() if k not in ("op", "token")}  # never journal a secret
+        who = peer.user if token is None else f"{peer.user} (token)"
+        log.info("control.command", op=op, user=who, uid=peer.uid, pid=peer.pid)
+        await self._journal.record_audit(who, op, detail)
+        try:
+            scope = self.operators.scope_of(
+                uid=peer.uid, gid=peer.gid, user=peer.user, token=token if isinstance(token, str) else None
+            )
+            return await self._command_in_scope(op, req, scope, who)
+        except IngestError as e:
+            if e.reason is Reason.NOT_ALLOWED:
+                log.warning("control.refused", op=op, user=who, uid=peer.uid, detail=e.detail)
+                await self._journal.record_audit(
+                    who, f"{op} refused", {**detail, "reason": e.reason.value, "detail": e.detail}
+                )
+            raise ControlError(e.reason.value, e.detail) from None
+
+    async def _command_in_scope(self, op: str, req: dict[str, Any], scope: Scope, who: str) -> dict[str, Any]:
+        now = self.engine.clock
+        if op == "send":
+            if self.stopping.is_set():
+                raise ControlError("stopping", "the daemon is stopping and takes no new alerts")
+            try:
+                request = AlertRequest.model_validate(req.get("alert") or {})
+            except ValueError as e:
+                raise ControlError("invalid", str(e)) from None
+            run = await self.submit(as_room(request, scope), source="cli", actor=who, scope=scope)
+            return {"id": run.id, "state": run.state_doc(self.district, now())}
+        run = self._run(req)
+        scope.check(run.deliveries, run.request.identifier, f"{op} alerts of")
+        if op == "cancel":
+            if self.engine.cancel(run.id, f"cancelled by {who}") is None:
+                raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
+        elif op == "approve":
+            if self.engine.approve(run.id) is None:
+                raise ControlError(
+                    "not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})"
+                )
+        elif self.engine.cancel(run.id, f"rejected in review by {who}", AlertState.REJECTED) is None:
+            raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
+        return {"state": run.state_doc(self.district, now())}
 
     def _run(self, req: dict[str, Any]) -> AlertRun:
         alert_id = req.get("id")
@@ -817,6 +876,11 @@ class Daemon:
                 }
             )
         return out
+
+
+def _is_xml(payload: bytes) -> bool:
+    """A CAP document (XML) rather than a JSON alert."""
+    return payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
 
 
 def _read_secret(path: str | None, base: Path) -> str | None:

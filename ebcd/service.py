@@ -12,6 +12,7 @@ import structlog
 
 from ebcd import log as logsetup
 from ebcd import sdnotify
+from ebcd.authority import AuthorityError
 from ebcd.config import Config
 from ebcd.daemon import Daemon
 from ebcd.security.mqtt_auth import MqttAuthError
@@ -47,6 +48,9 @@ def run_daemon(
         )
     except MqttAuthError as e:  # a password, CA, certificate or key file of [mqtt]
         log.error("daemon.mqtt_credentials", error=str(e))
+        return 1
+    except AuthorityError as e:  # [[upstream.senders]] or [[operators]]
+        log.error("daemon.authority", error=str(e))
         return 1
     except SecurityError as e:
         log.error("daemon.signing_key", error=str(e))

@@ -25,7 +25,7 @@ document against CAP 1.2; this module decides what the district does with it:
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -151,8 +151,12 @@ def parse_cap(
     now: datetime | None = None,
     default_ttl_s: float = DEFAULT_TTL_S,
     event_code_names: Collection[str] = EVENT_CODE_VALUE_NAMES,
+    vouch: Callable[[CapMessage], None] | None = None,
 ) -> CapAlert:
-    """Turn a CAP 1.2 document into a `CapAlert` for the district, or raise IngestError."""
+    """Turn a CAP 1.2 document into a `CapAlert` for the district, or raise IngestError.
+
+    `vouch` runs once the document is read and before it is judged (area, expiry, event): the
+    place for the sender's authority and signature, so that a forgery is refused as one."""
     check_area_code(district_area)
     if not 0 < default_ttl_s <= MAX_TTL_S:
         raise ValueError(f"default_ttl_s {default_ttl_s} is not within (0, {MAX_TTL_S}]")
@@ -161,6 +165,8 @@ def parse_cap(
     elif now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     message = read_cap(payload)
+    if vouch is not None:
+        vouch(message)
     names = frozenset(_normalised(n) for n in event_code_names)
     try:
         return _to_alert(message, district_area[:6], now, default_ttl_s, names)

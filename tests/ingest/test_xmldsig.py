@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cap_docs import FIXTURES, alert, info
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -22,6 +21,7 @@ from signxml.verifier import VerifyResult, XMLVerifier
 
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.xmldsig import CapSignatureCheck
+from tests.ingest.cap_docs import FIXTURES, alert, info
 
 DS = "{http://www.w3.org/2000/09/xmldsig#}"
 VALID = FIXTURES / "valid"
