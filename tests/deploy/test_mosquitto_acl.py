@@ -433,11 +433,17 @@ def test_upstream_sends_alerts_and_reads_what_became_of_them(connect: Connect) -
         ebcd.publish(topic(target), hidden)
     ebcd.publish(topic("alerts/20261126-0001"), state)
     ebcd.publish(topic("alerts/rejected"), rejected)
+    # MQTT 5 answers: on its own replies/ topics only, never on another account's
+    mine, theirs = unique("answer"), unique("not yours")
+    ebcd.publish(topic("replies/upstream-other/req"), theirs)
+    ebcd.publish(topic("replies/upstream/req-1"), mine)
+    assert upstream.publish(topic("replies/upstream/req-1"), forged).value == NOT_AUTHORIZED
     ebcd.publish(topic("status"), status)
     received = [(t, p) for t, p in upstream.until(status) if p not in (alert, fence)]
     assert received == [
         (topic("alerts/20261126-0001"), state),
         (topic("alerts/rejected"), rejected),
+        (topic("replies/upstream/req-1"), mine),
         (topic("status"), status),
     ]
 
@@ -451,7 +457,8 @@ def test_ebcd_session_survives_a_broker_restart(broker: Mosquitto, tmp_path: Pat
     server.start()
     made: list[Client] = []
     try:
-        # Like the daemon: MQTT 3.1.1, a fixed client id, clean_session false.
+        # Like the daemon on an MQTT 3.1.1 broker: a fixed client id, clean_session false (over
+        # MQTT 5 the daemon's session never expires; tests/test_resilience.py runs it on this).
         ebcd_id = unique("ebcd")
         ebcd = Client(server, "ebcd", v5=False, client_id=ebcd_id, clean=False)
         made.append(ebcd)
