@@ -195,7 +195,10 @@ class OperatorAuthority:
             scope = _room_scope(district, op.room, op.name or op.room, where)
             digest = None
             if op.token_file:
-                token = read_secret(op.token_file, base=config.base_dir, key=f"{where} token_file")
+                try:
+                    token = read_secret(op.token_file, base=config.base_dir, key=f"{where} token_file")
+                except SecurityError as e:  # unreadable, or open to others
+                    raise AuthorityError(str(e)) from None
                 if not token:
                     raise AuthorityError(f"{where}: token_file {op.token_file} is empty")
                 digest = hashlib.sha256(token.encode()).digest()

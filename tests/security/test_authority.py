@@ -402,3 +402,14 @@ async def test_the_cli_presents_a_token_and_a_refusal_exits_2(
         (run,) = daemon.engine.runs.values()
         assert run.actor == f"{ME} (token)"
         assert run.request.origin_room == village_code
+
+
+def test_a_token_file_open_to_others_is_refused_at_start(
+    shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o644)
+    config = _with(shipped_config, operators=[OperatorConfig(room=district.code, token_file=str(token))])
+    with pytest.raises(AuthorityError, match=r"\[\[operators\]\] #1 .*token_file.*open to others"):
+        OperatorAuthority(config, district)
