@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import contextlib
+import functools
 import re
 import statistics
 import tempfile

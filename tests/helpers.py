@@ -37,7 +37,7 @@ async def running_daemon(
         **kwargs,
     )
     if wall_clock is not None:
-        daemon.wall_clock = wall_clock
+        daemon.scheduler.wall_clock = wall_clock
     task = asyncio.create_task(daemon.run(), name="daemon")
     try:
         await asyncio.wait_for(daemon.ready.wait(), 20)

@@ -435,7 +435,7 @@ async def test_watch_ends_with_the_settled_state(
     )
     async with running_daemon(config, district, mosquitto.url, tmp_path) as daemon:
         run = await daemon.submit(request, source="test", actor="pytest")
-        answers = await daemon._handle({"op": "watch", "id": run.id}, Peer(0, 0, 0))
+        answers = await daemon.control.handle({"op": "watch", "id": run.id}, Peer(0, 0, 0))
         assert isinstance(answers, AsyncGenerator)
         async with contextlib.aclosing(answers):
             first = await anext(answers)

@@ -89,7 +89,7 @@ async def test_a_dead_terminal_leaves_the_alert_partial_naming_it(
         assert state["acked"] == len(village.terminals) - 1
         not_acked = [t for t, dl in run.deliveries.items() if dl.bucket != "acked"]
         assert not_acked == [dead]
-        report = d._report(run)
+        report = d.control.report(run)
         assert [p["terminal"] for p in report["problems"]] == [dead]
 
 

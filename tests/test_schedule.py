@@ -377,8 +377,8 @@ async def test_a_missed_weekly_test_is_reported_with_the_exact_terminals_that_mi
         await asyncio.sleep(1.5)
         assert not daemon.engine.runs  # not due yet
         clock["now"] = datetime(2026, 11, 30, 10, 0, 1, tzinfo=cst)
-        await wait_for(lambda: len(daemon.test_outcomes) == 1, 20)
-        outcome = next(iter(daemon.test_outcomes.values()))
+        await wait_for(lambda: len(daemon.scheduler.outcomes) == 1, 20)
+        outcome = next(iter(daemon.scheduler.outcomes.values()))
         assert outcome.missed == tuple(sorted(t.code for t in silent))
         assert outcome.acked == len(village.terminals) - 2
         run = daemon.engine.runs[outcome.alert_id]
@@ -386,7 +386,7 @@ async def test_a_missed_weekly_test_is_reported_with_the_exact_terminals_that_mi
         assert run.request.volume == 0
         assert run.source == "schedule"
         assert daemon.metrics.missed_tests._value.get() == 2
-        report = daemon._report(run)
+        report = daemon.control.report(run)
         assert report["test"]["missed"] == list(outcome.missed)
         clock["now"] = datetime(2026, 11, 30, 10, 30, tzinfo=cst)
         await asyncio.sleep(1.5)

@@ -84,8 +84,7 @@ async def _outcomes(
 ) -> list[dict[str, Any] | str]:
     """Publish each message and wait for its verdict in the journal: its rejection document as
     published on the rejection topic, or "accepted"."""
-    assert daemon._journal is not None
-    journal = daemon._journal
+    journal = daemon.journal
     out: list[dict[str, Any] | str] = []
     for message in messages:
         await client.publish(daemon.topics.alerts_in, message, qos=1)
@@ -144,8 +143,7 @@ async def test_an_unlisted_senders_cap_is_refused_and_journalled(
     assert refusal["reason"] == "not_allowed"
     assert "'prankster@example.com' is not a listed upstream sender" in refusal["detail"]
     assert not daemon.engine.runs
-    assert daemon._journal is not None
-    (received,) = await daemon._journal.list_received(1)
+    (received,) = await daemon.journal.list_received(1)
     assert received.payload == document  # the raw bytes, as upstream sent them
     assert received.outcome == "rejected"
     assert received.detail is not None
@@ -179,8 +177,7 @@ async def test_a_listed_sender_that_signs_is_refused_without_a_good_signature(
     (run,) = daemon.engine.runs.values()
     assert run.request.identifier == "C-1"
     assert {t.town for t in map(daemon.district.terminal, run.deliveries) if t} == {TOWN_ROOM}
-    assert daemon._journal is not None
-    verdicts = [r.outcome for r in reversed(await daemon._journal.list_received(5))]
+    verdicts = [r.outcome for r in reversed(await daemon.journal.list_received(5))]
     assert verdicts == ["rejected"] * 4 + ["accepted"]
 
 
@@ -343,8 +340,7 @@ async def test_a_town_operator_alerts_its_own_town_only(
         assert (cancel["ok"], cancel["error"]) == (False, "not_allowed")
         assert (await duty.request("cancel", id=own["id"]))["ok"]
 
-        assert daemon._journal is not None
-        audit = await daemon._journal.list_audit(20)
+        audit = await daemon.journal.list_audit(20)
         refusals = [a for a in audit if a.action.endswith("refused")]
         assert [(a.actor, a.action) for a in refusals] == [(ME, "cancel refused"), (ME, "send refused")]
         assert refusals[1].detail["alert"]["targets"] == [

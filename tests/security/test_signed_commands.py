@@ -77,7 +77,7 @@ async def test_wrongly_signed_commands_are_refused_on_both_links(
         state = await settle(daemon, run.id, timeout_s=30)
         assert (state["state"], state["acked"]) == ("partial", 0)
         assert all(d.state is DState.REFUSED for d in run.deliveries.values())
-        report = daemon._report(run)
+        report = daemon.control.report(run)
         assert _causes(report) == {"signature: unknown_key"}
         assert {p["terminal"] for p in report["problems"]} == {t.code for t in terminals}
         assert not fleet.plays()  # nothing played
@@ -110,7 +110,7 @@ async def test_unsigned_commands_are_refused(
         state = await settle(daemon, run.id, timeout_s=30)
         assert (state["state"], state["acked"]) == ("partial", 0)
         assert all(d.state is DState.REFUSED for d in run.deliveries.values())
-        report = daemon._report(run)
+        report = daemon.control.report(run)
         assert _causes(report) == {"unsigned"}
         assert {p["terminal"] for p in report["problems"]} == codes  # every terminal of both links
         assert {t for t, c in run.refusals if c == "unsigned"} == codes
@@ -157,7 +157,7 @@ async def test_replayed_and_stale_commands_are_refused_and_reported(
         await wait_for(lambda: all(run.id in s.behaviour.stopped for s in fleet.terminals), 10)
         await client.publish(topics.group_cmd(village.code), json.dumps(captured).encode(), qos=1)
         await wait_for(lambda: {t for t, c in run.refusals if c == "replayed"} == codes, 10)
-        report = daemon._report(run)
+        report = daemon.control.report(run)
         assert {r["cause"] for r in report["refusals"]} == {"stale", "replayed"}
         assert all(n == 1 for n in fleet.plays().values())  # nothing played twice
         assert all(d.state is DState.CANCELLED for d in run.deliveries.values())
@@ -224,7 +224,7 @@ async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_a
         await tap.inject(captured)
         await wait_for(lambda: {t for t, c in run.refusals if c == "replayed"} == codes, 10)
 
-        report = daemon._report(run)
+        report = daemon.control.report(run)
         assert {r["cause"] for r in report["refusals"]} == {"stale", "replayed"}
         assert {r["terminal"] for r in report["refusals"]} == codes
         # the refusals crossed the line as the terminals' answers to heartbeat polls
