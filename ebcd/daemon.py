@@ -422,6 +422,11 @@ class Daemon:
         if target is None:
             return
         topic, correlation = target
+        if not topic.startswith(self.topics.replies) or len(topic) == len(self.topics.replies):
+            # never let a sender make ebcd publish elsewhere (a command topic, an alert state)
+            self.metrics.unexpected.labels("response_topic").inc()
+            log.warning("ingest.response_topic_refused", topic=topic[:200], allowed=self.topics.replies)
+            return
         self.link.enqueue(
             topic,
             json.dumps(doc, ensure_ascii=False).encode(),

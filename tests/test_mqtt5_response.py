@@ -36,7 +36,8 @@ async def test_response_topic_and_correlation_data_are_honoured(
     topics = Topics(district.code)
     village = next(v for v in district.villages() if v.link == "mqtt")
     replies: list[tuple[str, dict[str, Any], bytes | None]] = []
-    reply_to = "upstream/city-ews/replies"
+    reply_to = f"{topics.replies}city-ews/42"
+    elsewhere = topics.alert_state("20260101-0001")  # a sender may not make ebcd publish there
     good = json.dumps(
         {
             "identifier": "CITY-2026-0042",
@@ -54,6 +55,7 @@ async def test_response_topic_and_correlation_data_are_honoured(
     ):
         assert daemon.link.speaks_v5  # Mosquitto speaks MQTT 5, so "auto" stays there
         await upstream.subscribe(reply_to, qos=1)
+        await upstream.subscribe(elsewhere, qos=1)
 
         async def collect() -> None:
             async for m in upstream.messages:
@@ -67,11 +69,21 @@ async def test_response_topic_and_correlation_data_are_honoured(
                 topics.alerts_in, b'{"level": 9', qos=1, properties=_request(reply_to, b"\x00req-2\xff")
             )
             await wait_for(lambda: len(replies) == 2, 10)
+            unexpected = daemon.metrics.unexpected.labels("response_topic")
+            hijack = json.loads(good) | {"identifier": "CITY-2026-0043"}
+            await upstream.publish(
+                topics.alerts_in, json.dumps(hijack), qos=1, properties=_request(elsewhere, b"req-3")
+            )
+            await wait_for(lambda: unexpected._value.get() == 1, 10)
+            await wait_for(lambda: len(daemon.engine.runs) == 2, 10)  # accepted, just not answered there
+            await upstream.publish(topics.alerts_in, b"{}", qos=1, properties=_request(reply_to, b"fence"))
+            await wait_for(lambda: len(replies) == 3, 10)
         finally:
             task.cancel()
+        assert [topic for topic, _doc, _corr in replies] == [reply_to] * 3  # nothing elsewhere
         by_corr = {corr: (topic, doc) for topic, doc, corr in replies}
         accepted_topic, accepted = by_corr[b"req-1"]
-        run = next(iter(daemon.engine.runs.values()))
+        run = next(r for r in daemon.engine.runs.values() if r.request.identifier == "CITY-2026-0042")
         assert accepted_topic == reply_to
         assert accepted["status"] == "accepted"
         assert (accepted["id"], accepted["identifier"]) == (run.id, "CITY-2026-0042")
@@ -79,7 +91,7 @@ async def test_response_topic_and_correlation_data_are_honoured(
         _topic, refused = by_corr[b"\x00req-2\xff"]  # binary correlation data comes back byte for byte
         assert (refused["status"], refused["reason"]) == ("rejected", "malformed_json")
         # the rejection topic still carries every refusal, for systems that do not ask for an answer
-        await wait_for(lambda: len(rejections) == 1, 5)
+        await wait_for(lambda: len(rejections) == 2, 5)
         assert rejections[0][1]["sha256"] == refused["sha256"]
 
 

@@ -57,6 +57,11 @@ class Topics:
         return f"{self.prefix}/alerts/rejected"
 
     @property
+    def replies(self) -> str:
+        """Under which ebcd answers MQTT 5 requests (replies/{account}/..., as the ACL confines)."""
+        return f"{self.prefix}/replies/"
+
+    @property
     def status(self) -> str:
         """ebcd's own retained online/offline status."""
         return f"{self.prefix}/status"
