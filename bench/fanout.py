@@ -60,9 +60,9 @@ async def wait_socket(client: ControlClient, online: int, timeout: float = 120) 
 
 
 async def measure_daemon(
-    broker: str, work: Path, runs: int, journal: bool, terminals: int, config: Path
+    broker: str, work: Path, runs: int, journal: bool, terminals: int, config: Path, protocol: str = "5"
 ) -> dict[str, float]:
-    state = work / ("state-journal" if journal else "state-nojournal")
+    state = work / f"state-{'journal' if journal else 'nojournal'}-{protocol}"
     args = [
         sys.executable,
         "-m",
@@ -78,6 +78,8 @@ async def measure_daemon(
         "-1",
         "--log-level",
         "warning",
+        "--mqtt-protocol",
+        protocol,
     ]
     if not journal:
         args.append("--no-journal")
@@ -162,6 +164,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-journal-too", action="store_true", help="also measure with the journal off")
+    parser.add_argument("--mqtt311-too", action="store_true", help="also measure ebcd speaking MQTT 3.1.1")
     parser.add_argument(
         "--all-mqtt", action="store_true", help="the shipped district with its serial rooms on MQTT"
     )
@@ -210,6 +213,13 @@ async def main() -> None:
             sims = start_sims()
             results["ebcd, journal off"] = await measure_daemon(
                 broker, work, opts.runs, False, len(district), config_path
+            )
+        if opts.mqtt311_too:
+            sims.send_signal(signal.SIGTERM)
+            sims.wait(30)
+            sims = start_sims()
+            results["ebcd, journal on, MQTT 3.1.1"] = await measure_daemon(
+                broker, work, opts.runs, True, len(district), config_path, "3.1.1"
             )
         results["bare aiomqtt fan-out (baseline)"] = await measure_bare(
             "127.0.0.1", port, district.code, mqtt_codes, opts.runs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ebcd.alert import AlertRequest, parse_target
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
@@ -80,6 +82,7 @@ def _run(n: int = 3, ttl: float = 100.0) -> AlertRun:
     )
 
 
+OPS = ["send", "timers", "received", "done", "refused", "reopen", "preempt", "resume"]
 POLICY = RetryPolicy(ack_timeout_s=5.0, max_attempts=3, backoff=Backoff(1.0, 4.0, 0.2))
 
 
@@ -173,3 +176,34 @@ def test_a_terminal_returning_while_an_attempt_is_in_flight_is_sent_again() -> N
     assert run.reopen("t0", 0.5, "terminal back online (session 7)")
     assert run.to_send(0.5) == ["t0"]
     assert run.deliveries["t0"].deadline is None  # the old attempt's timer no longer runs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 4), st.floats(0, 3)), max_size=60))
+def test_counts_and_settled_follow_every_sequence_of_events(steps: list[tuple[str, int, float]]) -> None:
+    # `settled` answers from the counts; both must agree with the deliveries themselves
+    run = _run(5)
+    now = 0.0
+    for op, i, dt in steps:
+        now += dt
+        t = f"t{i}"
+        if op == "send":
+            run.mark_sent(run.to_send(now), now, POLICY)
+        elif op == "timers":
+            run.check_timers(now, POLICY)
+        elif op in ("received", "done", "refused"):
+            status = {"received": AckStatus.RECEIVED, "done": AckStatus.DONE, "refused": AckStatus.REFUSED}[
+                op
+            ]
+            run.on_report(TerminalReport(t, "a1", 1, status, "signature: unknown_key"), now)
+        elif op == "reopen":
+            run.reopen(t, now, "back online")
+        elif op == "preempt":
+            run.preempt(t, now, "a2", end=False)
+        elif op == "resume":
+            run.resume(t, now)
+        run.settle(now)
+        counts = dict(run.counts)
+        run.recount()
+        assert counts == run.counts
+        assert run.settled == all(d.final for d in run.deliveries.values())
