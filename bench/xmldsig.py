@@ -15,11 +15,10 @@ import functools
 import re
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.signing import median_ms
 from ebcd.ingest import IngestError
 from ebcd.ingest.cap import parse_cap
 from ebcd.ingest.xmldsig import CapSignatureCheck
@@ -27,17 +26,6 @@ from ebcd.ingest.xmldsig import CapSignatureCheck
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cap" / "valid"
 CERT = re.compile(rb"<(?:\w+:)?X509Certificate>\s*([^<]+?)\s*</(?:\w+:)?X509Certificate>", re.S)
 KEY = re.compile(rb"<(?:\w+:)?RSAKeyValue>", re.S)
-
-
-def median_ms(op: Callable[[], object], runs: int) -> float:
-    """The median wall time of `op` in milliseconds over `runs` calls (after one warm-up)."""
-    op()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        op()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
 
 
 def parse(document: bytes) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ebcd.alert import AlertRequest, parse_target
+from ebcd.alert_run import AlertRun
 from ebcd.config import Config
 from ebcd.delivery import DState
 from ebcd.protocols import mqtt_codec
@@ -48,6 +49,14 @@ def _alert(*targets: str) -> AlertRequest:
 
 def _causes(report: dict[str, object]) -> set[str]:
     return {p["cause"] for p in report["problems"]}  # type: ignore[index, union-attr]
+
+
+def _stale_command(run: AlertRun, seq: int) -> PlayCommand:
+    """A command for the live alert, correctly signed with ebcd's (bench) key, but an hour old."""
+    old = quantize_command(
+        PlayCommand(run.id, run.ebmid, 1, seq, 1, "11B03", "伪造", 600.0, issued_at=time.time() - 3600)
+    )
+    return replace(old, signature=sign_command(bench_signer("ed25519"), old))
 
 
 def _config(shipped: Config, scheme: str = "ed25519") -> Config:
@@ -135,20 +144,7 @@ async def test_replayed_and_stale_commands_are_refused_and_reported(
         captured = next(body for _t, body in seen if body and body.get("op") == "play")
 
         # stale: a correctly signed command issued an hour ago, for the live alert
-        old = quantize_command(
-            PlayCommand(
-                run.id,
-                run.ebmid,
-                1,
-                daemon.engine.last_seq + 10,
-                1,
-                "11B03",
-                "伪造",
-                600.0,
-                issued_at=time.time() - 3600,
-            )
-        )
-        stale = replace(old, signature=sign_command(bench_signer("ed25519"), old))
+        stale = _stale_command(run, daemon.engine.last_seq + 10)
         await client.publish(topics.group_cmd(village.code), mqtt_codec.encode_command(stale), qos=1)
         await wait_for(lambda: {t for t, c in run.refusals if c == "stale"} == codes, 10)
 
@@ -198,20 +194,7 @@ async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_a
         captured = tap.captured(start)  # the bytes of ebcd's own command, as they crossed the line
 
         # stale: a correctly signed command issued an hour ago, for the live alert, to the whole bus
-        old = quantize_command(
-            PlayCommand(
-                run.id,
-                run.ebmid,
-                1,
-                daemon.engine.last_seq + 10,
-                1,
-                "11B03",
-                "伪造",
-                600.0,
-                issued_at=time.time() - 3600,
-            )
-        )
-        stale = replace(old, signature=sign_command(bench_signer("ed25519"), old))
+        stale = _stale_command(run, daemon.engine.last_seq + 10)
         forged = Frame(
             village.code, tuple(sorted(codes)), command_body(stale), 0x5EED, signature=stale.signature
         )
