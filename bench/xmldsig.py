@@ -25,7 +25,6 @@ from ebcd.ingest.xmldsig import CapSignatureCheck
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cap" / "valid"
 CERT = re.compile(rb"<(?:\w+:)?X509Certificate>\s*([^<]+?)\s*</(?:\w+:)?X509Certificate>", re.S)
-KEY = re.compile(rb"<(?:\w+:)?RSAKeyValue>", re.S)
 
 
 def parse(document: bytes) -> None:

@@ -169,10 +169,6 @@ class UpstreamAuthority:
                 request.identifier,
             )
 
-    def rule(self, sender: str | None) -> SenderRule | None:
-        """The listed rule of a sender, if any."""
-        return self.rules.get(sender or "")
-
 
 # -- operators -----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
