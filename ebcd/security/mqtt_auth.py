@@ -29,6 +29,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from ebcd.security.files import FileProblem, read_checked
 from ebcd.security.signing import SecurityError
 
 SHARED_FILE = "_all"  # in a credentials directory: the password of every terminal without its own
@@ -48,15 +49,9 @@ def resolve(path: str, base: Path) -> Path:
 
 def _read(path: Path, key: str, *, secret: bool = False, trust: bool = False, limit: int) -> bytes:
     """The bytes of a file, after checking (on the open file) that its permissions are safe."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise MqttAuthError(f"{key}: {path}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
+
+    def check(st: os.stat_result) -> None:
         mode = stat.S_IMODE(st.st_mode)
-        if not stat.S_ISREG(st.st_mode):
-            raise MqttAuthError(f"{key}: {path}: not a regular file")
         if secret and mode & 0o007:
             raise MqttAuthError(
                 f"{key}: {path}: mode {mode:04o}, open to others; run `chmod o= {path}` (e.g. root:ebcd 0640)"
@@ -65,17 +60,17 @@ def _read(path: Path, key: str, *, secret: bool = False, trust: bool = False, li
             raise MqttAuthError(
                 f"{key}: {path}: mode {mode:04o}, writable by group or others; run `chmod go-w {path}`"
             )
-        chunks, size = [], 0
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise MqttAuthError(f"{key}: {path}: larger than {limit} bytes")
-    except OSError as e:
-        raise MqttAuthError(f"{key}: {path}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+
+    try:
+        return read_checked(path, limit, check)
+    except FileProblem as e:
+        what = {
+            "open": f"cannot open: {e.strerror}",
+            "not_regular": "not a regular file",
+            "read": f"cannot read: {e.strerror}",
+            "too_large": f"larger than {limit} bytes",
+        }[e.problem]
+        raise MqttAuthError(f"{key}: {path}: {what}") from None
 
 
 def read_password(path: Path, key: str) -> str:

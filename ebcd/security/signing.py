@@ -47,6 +47,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gmssl import sm2, sm3
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ebcd.security.files import FileProblem, read_checked
+
 Scheme = Literal["sm2", "ed25519"]
 SCHEMES: tuple[Scheme, ...] = ("sm2", "ed25519")
 
@@ -464,15 +466,9 @@ def _write_new(path: Path, text: str, mode: int) -> None:
 
 def _read_key_file(path: Path, *, private: bool) -> str:
     """The text of a key file, after checking (on the open file) that its permissions are safe."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot open the key file: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
+
+    def check(st: os.stat_result) -> None:
         mode, me = stat.S_IMODE(st.st_mode), os.geteuid()
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path}: not a regular file")
         if private and mode & 0o077:
             raise KeyFileError(
                 f"{path}: private key file has mode {mode:04o}, open to group or others; "
@@ -488,11 +484,17 @@ def _read_key_file(path: Path, *, private: bool) -> str:
                 f"{path}: public key file has mode {mode:04o}, writable by group or others; "
                 f"run `chmod 644 {path}`"
             )
-        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)  # a regular file: short reads only at its end
-    finally:
-        os.close(fd)
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE_BYTES} bytes, not a key file")
+
+    try:
+        data = read_checked(path, MAX_KEY_FILE_BYTES, check)
+    except FileProblem as e:
+        what = {
+            "open": f"cannot open the key file: {e.strerror}",
+            "not_regular": "not a regular file",
+            "read": f"cannot read the key file: {e.strerror}",
+            "too_large": f"larger than {MAX_KEY_FILE_BYTES} bytes, not a key file",
+        }[e.problem]
+        raise KeyFileError(f"{path}: {what}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
