@@ -79,20 +79,9 @@ async def test_kill_9_mid_alert_resumes_and_every_terminal_plays_exactly_once(
         ],
         sim_log,
     )
-    daemon = _spawn(
-        [
-            "run",
-            "-c",
-            config_file,
-            "--broker",
-            own_mosquitto.url,
-            "--state-dir",
-            str(state),
-            "--metrics-port",
-            "-1",
-        ],
-        tmp_path / "daemon1.log",
-    )
+    run = ["run", "-c", config_file, "--broker", own_mosquitto.url, "--state-dir", str(state),
+           "--metrics-port", "-1"]  # fmt: skip
+    daemon = _spawn(run, tmp_path / "daemon1.log")
     client = ControlClient(state / SOCKET_NAME)
     try:
         await _poll(
@@ -107,20 +96,7 @@ async def test_kill_9_mid_alert_resumes_and_every_terminal_plays_exactly_once(
         acked_at_kill = half["state"]["acked"]  # type: ignore[index]
         assert acked_at_kill < 769, "the alert completed before the kill; the test proves nothing"
 
-        daemon = _spawn(
-            [
-                "run",
-                "-c",
-                config_file,
-                "--broker",
-                own_mosquitto.url,
-                "--state-dir",
-                str(state),
-                "--metrics-port",
-                "-1",
-            ],
-            tmp_path / "daemon2.log",
-        )
+        daemon = _spawn(run, tmp_path / "daemon2.log")  # the same daemon, on the same journal
         done = await _poll(client, "status", lambda a: a["state"]["state"] == "completed", 60, id=alert_id)
         assert done["state"]["acked"] == 769  # type: ignore[index]
         recovered = [
