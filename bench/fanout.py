@@ -29,7 +29,7 @@ from pathlib import Path
 import aiomqtt
 
 from ebcd.config import load_config, shipped_config_path
-from ebcd.control import SOCKET_NAME, ControlClient
+from ebcd.control.socket import SOCKET_NAME, ControlClient
 from ebcd.tiers.loader import load_district
 
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from ebcd.store import Journal, NullJournal, Synchronous
+from ebcd.journal.journal import Journal, NullJournal, Synchronous
 
 TERMINALS = 769
 FAN_OUT_ROUNDS = 40

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ebcd.control import SOCKET_NAME, ControlClient, NoDaemon
+from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
 
 
 def free_port() -> int:

@@ -17,7 +17,9 @@ import time
 
 import structlog
 
-from ebcd.protocols.frame import (
+from ebcd.protocols.messages import PlayCommand, TerminalReport
+from ebcd.protocols.serial.bus import SerialBusMaster
+from ebcd.protocols.serial.frame import (
     BroadcastResult,
     Frame,
     FrameType,
@@ -26,8 +28,6 @@ from ebcd.protocols.frame import (
     command_body,
     encode_frame,
 )
-from ebcd.protocols.messages import PlayCommand, TerminalReport
-from ebcd.protocols.serial_link import SerialBusMaster
 from simulators.serial_bus import BITS_PER_CHAR_8N1, SerialBusSimulator
 
 SOURCE = "43415230000000314010301"

@@ -1,5 +1,5 @@
 """`python -m ebcd` is the `ebcd` command."""
 
-from ebcd.cli import main
+from ebcd.cli.commands import main
 
 main()

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ebcd.alert import AlertRequest
 from ebcd.delivery import Backoff, Delivery, DState, Progress
+from ebcd.model.alert import AlertRequest
 from ebcd.protocols.messages import AckStatus, TerminalReport
 from ebcd.tiers.district import District
 

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ebcd.codes import CodeError, ResourceCode, check_area_code
-from ebcd.schedule import TestBroadcastConfig
+from ebcd.admission.schedule import TestBroadcastConfig
+from ebcd.model.codes import CodeError, ResourceCode, check_area_code
 
 
 class _Strict(BaseModel):

@@ -16,10 +16,10 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from ebcd.alert import AlertRequest, rank
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
 from ebcd.delivery import Delivery, DState, Progress
 from ebcd.metrics import Metrics
+from ebcd.model.alert import AlertRequest, rank
 from ebcd.protocols.messages import (
     AckStatus,
     Command,

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import structlog
 
 from ebcd.metrics import Metrics
-from ebcd.protocols.frame import FrameError
 from ebcd.protocols.messages import Command
-from ebcd.protocols.mqtt_codec import Topics, encode_command
-from ebcd.protocols.mqtt_link import MqttLink
-from ebcd.protocols.serial_link import BusClosedError, SerialBusMaster
+from ebcd.protocols.mqtt.codec import Topics, encode_command
+from ebcd.protocols.mqtt.link import MqttLink
+from ebcd.protocols.serial.bus import BusClosedError, SerialBusMaster
+from ebcd.protocols.serial.frame import FrameError
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 

@@ -16,10 +16,10 @@ from typing import Any
 import structlog
 
 from ebcd.config import Config
-from ebcd.protocols import mqtt_codec
 from ebcd.protocols.messages import Liveness, TerminalPresence
-from ebcd.protocols.mqtt_codec import CodecError, Topics
-from ebcd.protocols.mqtt_link import MqttLink, Will
+from ebcd.protocols.mqtt import codec as mqtt_codec
+from ebcd.protocols.mqtt.codec import CodecError, Topics
+from ebcd.protocols.mqtt.link import MqttLink, Will
 from ebcd.security.mqtt_auth import terminal_passwords, tls_context
 from ebcd.security.replay import REPLAY_WINDOW_S
 from ebcd.security.signing import Verifier

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import structlog
 
-from ebcd.alert import parse_target
 from ebcd.config import Config, parse_broker_url
 from ebcd.log import log_tasks
+from ebcd.model.alert import parse_target
 from ebcd.security.bench import verifier_from
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal

@@ -2,7 +2,7 @@
 
 The bus is reached through a pty pair (this side keeps the master end; a `SerialBusMaster` opens
 the slave path, optionally through a stable symlink) or a TCP listener for pyserial's `socket://`
-URLs. Frames go through `ebcd.protocols.frame`, the production codec. The line is paced at the
+URLs. Frames go through `ebcd.protocols.serial.frame`, the production codec. The line is paced at the
 configured baud rate: every byte crossing it, either way, occupies it for bits-per-character /
 baud seconds, and a reply goes out only when the line is free, so a 9600-baud bus takes as long
 as a real one. Terminals act on broadcast starts and stops addressed to them and answer a query
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import structlog
 
-from ebcd.protocols.frame import (
+from ebcd.protocols.serial.frame import (
     Body,
     BroadcastResult,
     BroadcastStart,

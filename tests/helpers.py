@@ -12,7 +12,7 @@ from typing import Any, Literal
 import aiomqtt
 
 from ebcd.config import Config
-from ebcd.daemon import Daemon
+from ebcd.daemon.daemon import Daemon
 from ebcd.security.bench import verifier_from
 from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District

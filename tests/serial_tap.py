@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebcd.protocols.frame import Frame, FrameDecoder, encode_frame
+from ebcd.protocols.serial.frame import Frame, FrameDecoder, encode_frame
 
 READ_CHUNK_BYTES = 4096
 

@@ -31,12 +31,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from ebcd.alert import AlertRequest
-from ebcd.cli import app
+from ebcd.cli.commands import app
 from ebcd.config import Config
-from ebcd.control import SOCKET_NAME, Peer
-from ebcd.events import TEST_EVENT
-from ebcd.protocols.frame import BroadcastStart, Frame, encode_frame
+from ebcd.control.socket import SOCKET_NAME, Peer
+from ebcd.model.alert import AlertRequest
+from ebcd.model.events import TEST_EVENT
+from ebcd.protocols.serial.frame import BroadcastStart, Frame, encode_frame
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import load_district
 from tests.conftest import ROOT, Mosquitto, fast_config

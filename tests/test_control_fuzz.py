@@ -1,6 +1,6 @@
 """Fuzzing the control socket: whatever a client sends, one JSON answer per line and the server lives on.
 
-The real server of `ebcd.control.serve` runs with a small handler: op "echo" answers the request
+The real server of `ebcd.control.socket.serve` runs with a small handler: op "echo" answers the request
 back, any other op is refused with a ControlError. Clients send garbage over raw connections
 (invalid UTF-8, NUL bytes, JSON that is no object or has no op, lines over the 1 MiB limit,
 unterminated lines before EOF, abrupt disconnects); after each, a normal `ControlClient` request
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ebcd.control import MAX_REQUEST_BYTES, SOCKET_NAME, ControlClient, ControlError, Peer, serve
+from ebcd.control.socket import MAX_REQUEST_BYTES, SOCKET_NAME, ControlClient, ControlError, Peer, serve
 
 READ_LIMIT = 8 * MAX_REQUEST_BYTES  # the raw test clients read answers that echo 1 MiB requests back
 TIMEOUT_S = 20.0  # per connection: a hang fails the test instead of waiting for pytest-timeout
@@ -38,7 +38,7 @@ async def handler(request: dict[str, Any], peer: Peer) -> dict[str, Any]:
 
 
 def expected_answer(line: bytes) -> dict[str, Any]:
-    """What the server must answer to one request line (the protocol of ebcd.control, restated)."""
+    """What the server must answer to one request line (the protocol of ebcd.control.socket, restated)."""
     try:
         request = json.loads(line)
     except ValueError:

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
 from ebcd.delivery import TRANSITIONS, Backoff, Delivery, DState, InvalidTransition, Progress
+from ebcd.model.alert import AlertRequest, parse_target
 from ebcd.protocols.messages import AckStatus, TerminalReport
 
 ALL_PAIRS = [(a, b) for a in DState for b in DState]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.config import Config
 from ebcd.ingest import MAX_PAYLOAD_BYTES
-from ebcd.protocols.mqtt_codec import Topics
+from ebcd.model.alert import AlertRequest, parse_target
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from simulators.faults import Fault, plan
 from tests.conftest import Mosquitto, fast_config

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.config import Config
+from ebcd.model.alert import AlertRequest, parse_target
 from ebcd.tiers.district import District
 from ebcd.tiers.village import Village
 from simulators.serial_bus import BusFaults, SerialBusSimulator

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ebcd.config import Config
-from ebcd.protocols.mqtt_codec import Topics
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from simulators.mqtt_fleet import MqttFleet
 from tests.conftest import Mosquitto, fast_config

@@ -23,11 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ebcd import __version__
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.config import Config, load_config, shipped_config_path
-from ebcd.daemon import Daemon
-from ebcd.events import TEST_EVENT
-from ebcd.protocols.mqtt_codec import Topics
+from ebcd.daemon.daemon import Daemon
+from ebcd.model.alert import AlertRequest, parse_target
+from ebcd.model.events import TEST_EVENT
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import load_district
 from tests.conftest import Mosquitto, fast_config

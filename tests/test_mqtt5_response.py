@@ -15,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ebcd.config import Config
-from ebcd.protocols.mqtt_codec import Topics
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
 from tests.helpers import mqtt_client, running_daemon, wait_for
@@ -98,7 +98,7 @@ async def test_response_topic_and_correlation_data_are_honoured(
 async def test_the_daemon_falls_back_to_mqtt_311_on_a_broker_that_refuses_5(
     shipped_config: Config, district: District, tmp_path: Path
 ) -> None:
-    from ebcd.demo import _start_broker
+    from ebcd.cli.demo import _start_broker
     from tests.conftest import free_port
 
     port = free_port()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert import AlertRequest, Origin, parse_target
 from ebcd.config import Config
 from ebcd.delivery import DState
 from ebcd.ingest import IngestError, Reason
+from ebcd.model.alert import AlertRequest, Origin, parse_target
 from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
 from tests.helpers import running_daemon, running_fleet, settle, wait_for

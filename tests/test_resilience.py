@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.config import Config
-from ebcd.control import SOCKET_NAME, ControlClient, NoDaemon
-from ebcd.protocols import mqtt_codec
+from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
+from ebcd.model.alert import AlertRequest, parse_target
 from ebcd.protocols.messages import Liveness, TerminalPresence
-from ebcd.protocols.mqtt_codec import Topics
+from ebcd.protocols.mqtt import codec as mqtt_codec
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from simulators.faults import Fault, plan
 from tests.conftest import Mosquitto, fast_config

@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from ebcd import schedule
+from ebcd.admission import schedule
+from ebcd.admission.schedule import Slot, TestBroadcastConfig, due, next_fire, parse_slot, previous_fire
 from ebcd.config import Config as EbcdConfig
-from ebcd.events import TEST_EVENT
-from ebcd.schedule import Slot, TestBroadcastConfig, due, next_fire, parse_slot, previous_fire
+from ebcd.model.events import TEST_EVENT
 from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
 from tests.helpers import running_daemon, running_fleet, wait_for
@@ -338,7 +338,7 @@ def test_the_log_line_names_at_most_100_terminals() -> None:
 def test_log_fields_go_into_structlog_as_they_are() -> None:
     out = Outcome.of("20261130-0004", ["a", "b"], ["b"])
     with structlog.testing.capture_logs() as logs:
-        structlog.get_logger("ebcd.schedule").info("test_broadcast.finished", **out.to_log_fields())
+        structlog.get_logger("ebcd.admission.schedule").info("test_broadcast.finished", **out.to_log_fields())
     assert logs == [
         {"event": "test_broadcast.finished", "log_level": "info", **out.to_log_fields()},
     ]

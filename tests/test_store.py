@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebcd import store
-from ebcd.store import (
+from ebcd.journal import journal as store
+from ebcd.journal.journal import (
     SCHEMA_VERSION,
     THREAD_NAME,
     Delivery,
@@ -404,7 +404,7 @@ CHILD = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     import structlog
-    from ebcd.store import Journal
+    from ebcd.journal.journal import Journal
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is the channel
 

@@ -31,20 +31,6 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from ebcd import events
-from ebcd.alert import (
-    DEFAULT_TTL_S,
-    MAX_TEXT_CHARS,
-    MAX_TTL_S,
-    AlertRequest,
-    CircleTarget,
-    CodeTarget,
-    MsgType,
-    Origin,
-    PolygonTarget,
-    Target,
-)
-from ebcd.codes import CodeError, check_area_code
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.cap_model import (
     CapMessage,
@@ -58,6 +44,20 @@ from ebcd.ingest.cap_model import (
     Status,
 )
 from ebcd.ingest.cap_rules import read_cap
+from ebcd.model import events
+from ebcd.model.alert import (
+    DEFAULT_TTL_S,
+    MAX_TEXT_CHARS,
+    MAX_TTL_S,
+    AlertRequest,
+    CircleTarget,
+    CodeTarget,
+    MsgType,
+    Origin,
+    PolygonTarget,
+    Target,
+)
+from ebcd.model.codes import CodeError, check_area_code
 
 LEVEL_BY_SEVERITY = {
     Severity.EXTREME: 1,

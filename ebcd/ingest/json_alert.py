@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ebcd import events
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
+from ebcd.model import events
+from ebcd.model.alert import AlertRequest, parse_target
 
 MAX_JSON_DEPTH = 32
 _ALIASES = {"msgType": "msg_type", "event": "event_type", "ttl": "ttl_s"}

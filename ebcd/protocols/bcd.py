@@ -6,7 +6,7 @@ nibble 0xF (an EBRID is 23 digits in 12 bytes, so one 0xF nibble leads; an EBMID
 
 from __future__ import annotations
 
-from ebcd.codes import EBMID_DIGITS, EBRID_DIGITS
+from ebcd.model.codes import EBMID_DIGITS, EBRID_DIGITS
 
 EBRID_BCD_BYTES = 12
 EBMID_BCD_BYTES = 18

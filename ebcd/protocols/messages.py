@@ -1,6 +1,6 @@
 """Typed messages between ebcd and its terminals, whatever the link.
 
-The MQTT codec (`ebcd.protocols.mqtt_codec`) and the serial frame codec (`ebcd.protocols.frame`)
+The MQTT codec (`ebcd.protocols.mqtt.codec`) and the serial frame codec (`ebcd.protocols.serial.frame`)
 both turn bytes into these and back; the delivery engine and the simulators only see these.
 """
 

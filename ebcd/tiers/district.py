@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ebcd.alert import CircleTarget, CodeTarget, PolygonTarget
-from ebcd.codes import AREA_CODE_DIGITS, EBRID_DIGITS, Level, area_level
+from ebcd.model.alert import CircleTarget, CodeTarget, PolygonTarget
+from ebcd.model.codes import AREA_CODE_DIGITS, EBRID_DIGITS, Level, area_level
 from ebcd.tiers import geo
 from ebcd.tiers.rollup import Tally
 from ebcd.tiers.terminal import Terminal

@@ -10,8 +10,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebcd.codes import CodeError, Level, ResourceCode, area_level, town_area_of
 from ebcd.config import Config
+from ebcd.model.codes import CodeError, Level, ResourceCode, area_level, town_area_of
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from ebcd.tiers.town import Town

@@ -35,9 +35,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.config import Config
-from ebcd.daemon import Daemon
+from ebcd.daemon.daemon import Daemon
+from ebcd.daemon.service import run_daemon
+from ebcd.model.alert import AlertRequest, parse_target
 from ebcd.security.mqtt_auth import (
     SHARED_FILE,
     MqttAuthError,
@@ -45,7 +46,6 @@ from ebcd.security.mqtt_auth import (
     terminal_passwords,
     tls_context,
 )
-from ebcd.service import run_daemon
 from ebcd.tiers.district import District
 from ebcd.tiers.village import Village
 from simulators.faults import FaultPlan

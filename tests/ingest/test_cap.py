@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from cap_docs import DISTRICT, DISTRICT_TOWN, FIXTURES, INVALID, NOW, VALID, alert, into_district
 
-from ebcd.alert import CodeTarget, MsgType
 from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
 from ebcd.ingest.cap import CapAlert, parse_cap
 from ebcd.ingest.cap_model import CapMessage
 from ebcd.ingest.cap_rules import read_cap
 from ebcd.ingest.cap_xml import MAX_DEPTH, MAX_DETAIL_CHARS, MAX_ELEMENTS
+from ebcd.model.alert import CodeTarget, MsgType
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "cap"
 
@@ -235,23 +235,17 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize(("document", "reason"), HOSTILE.values(), ids=HOSTILE.keys())
-def test_hostile_input_is_refused_fast(document: bytes, reason: Reason) -> None:
-    started = time.perf_counter()
+def test_hostile_input_is_refused(document: bytes, reason: Reason) -> None:
     error = refused(document)
-    elapsed_s = time.perf_counter() - started
     assert error.reason is reason, error
     assert "root:" not in error.detail
     assert len(error.detail) <= MAX_DETAIL_CHARS
-    assert elapsed_s < 0.05
 
 
 def test_element_count_is_bounded() -> None:
-    started = time.perf_counter()
     error = refused(alert(head="<code/>" * MAX_ELEMENTS))
-    elapsed_s = time.perf_counter() - started
     assert error.reason is Reason.TOO_LARGE
     assert error.detail == f"more than {MAX_ELEMENTS} elements"
-    assert elapsed_s < 0.25  # ~40 ms: each element is counted as it opens
     assert read_cap(alert(head="<code/>" * (MAX_ELEMENTS - 100))).codes[0] == ""
 
 

@@ -7,9 +7,6 @@ from datetime import timedelta
 import pytest
 from cap_docs import DISTRICT, DISTRICT_TOWN, DISTRICT_VILLAGE, NOW, SENT, alert, area, info
 
-from ebcd import events
-from ebcd.alert import MAX_TEXT_CHARS, MAX_TTL_S, CircleTarget, CodeTarget, MsgType, PolygonTarget
-from ebcd.codes import CodeError
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.cap import (
     CATEGORY_EVENT_TYPES,
@@ -19,6 +16,9 @@ from ebcd.ingest.cap import (
     parse_cap,
 )
 from ebcd.ingest.cap_model import Category, Severity
+from ebcd.model import events
+from ebcd.model.alert import MAX_TEXT_CHARS, MAX_TTL_S, CircleTarget, CodeTarget, MsgType, PolygonTarget
+from ebcd.model.codes import CodeError
 
 SQUARE = "31.0,117.0 31.0,117.1 31.1,117.1 31.1,117.0 31.0,117.0"
 TOWN = CodeTarget(kind="area", code=DISTRICT_TOWN)

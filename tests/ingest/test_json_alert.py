@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ebcd.alert import CodeTarget, MsgType
 from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
 from ebcd.ingest.json_alert import parse_json_alert
+from ebcd.model.alert import CodeTarget, MsgType
 
 GOOD = {
     "identifier": "up-1",

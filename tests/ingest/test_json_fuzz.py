@@ -21,10 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ebcd.alert import AlertRequest
 from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
 from ebcd.ingest.json_alert import MAX_JSON_DEPTH, parse_json_alert
-from ebcd.protocols import mqtt_codec
+from ebcd.model.alert import AlertRequest
 from ebcd.protocols.messages import (
     AckStatus,
     Liveness,
@@ -33,7 +32,8 @@ from ebcd.protocols.messages import (
     TerminalPresence,
     TerminalReport,
 )
-from ebcd.protocols.mqtt_codec import MAX_MESSAGE_BYTES, CodecError
+from ebcd.protocols.mqtt import codec as mqtt_codec
+from ebcd.protocols.mqtt.codec import MAX_MESSAGE_BYTES, CodecError
 
 FUZZ = settings(
     max_examples=200,

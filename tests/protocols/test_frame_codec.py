@@ -9,7 +9,8 @@ import pytest
 
 from ebcd.protocols.bcd import BcdError, pack_digits, pack_ebrid, unpack_digits, unpack_ebrid
 from ebcd.protocols.crc import crc32_mpeg2
-from ebcd.protocols.frame import (
+from ebcd.protocols.messages import AckStatus, PlayCommand, StopCommand, TerminalReport
+from ebcd.protocols.serial.frame import (
     MAX_FRAME_BYTES,
     BroadcastResult,
     BroadcastStart,
@@ -37,7 +38,6 @@ from ebcd.protocols.frame import (
     report_result,
     result_report,
 )
-from ebcd.protocols.messages import AckStatus, PlayCommand, StopCommand, TerminalReport
 from ebcd.security.bench import bench_signer
 from ebcd.security.replay import quantize_command, sign_command, verify_command
 from ebcd.security.signing import SignatureError

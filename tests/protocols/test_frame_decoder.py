@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ebcd.protocols.crc import crc32_mpeg2
-from ebcd.protocols.frame import (
+from ebcd.protocols.serial.frame import (
     MAX_FRAME_BYTES,
     MIN_FRAME_BYTES,
     Body,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ebcd.protocols.crc import CRC32_MPEG2_CHECK, crc32_mpeg2
-from ebcd.protocols.frame import (
+from ebcd.protocols.serial.frame import (
     BroadcastResult,
     BroadcastStart,
     BroadcastStop,

@@ -12,15 +12,6 @@ from typing import Any
 
 import pytest
 
-from ebcd.protocols.frame import (
-    BroadcastStart,
-    Frame,
-    Heartbeat,
-    LocalProtocolError,
-    Query,
-    command_body,
-    encode_frame,
-)
 from ebcd.protocols.messages import (
     AckStatus,
     Liveness,
@@ -29,7 +20,16 @@ from ebcd.protocols.messages import (
     TerminalPresence,
     TerminalReport,
 )
-from ebcd.protocols.serial_link import MAX_RESULTS_PER_POLL_ROUND, BusClosedError, SerialBusMaster
+from ebcd.protocols.serial.bus import MAX_RESULTS_PER_POLL_ROUND, BusClosedError, SerialBusMaster
+from ebcd.protocols.serial.frame import (
+    BroadcastStart,
+    Frame,
+    Heartbeat,
+    LocalProtocolError,
+    Query,
+    command_body,
+    encode_frame,
+)
 from ebcd.security.bench import bench_signer
 from ebcd.security.replay import quantize_command, sign_command
 from simulators.serial_bus import BusFaults, SerialBusSimulator

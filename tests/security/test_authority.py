@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from ebcd.alert import Origin, parse_target
-from ebcd.authority import AuthorityError, OperatorAuthority, UpstreamAuthority
+from ebcd.admission.authority import AuthorityError, OperatorAuthority, UpstreamAuthority
 from ebcd.config import Config, OperatorConfig, UpstreamConfig, UpstreamSender
-from ebcd.control import SOCKET_NAME, ControlClient
-from ebcd.daemon import Daemon
-from ebcd.protocols.mqtt_codec import Topics
+from ebcd.control.socket import SOCKET_NAME, ControlClient
+from ebcd.daemon.daemon import Daemon
+from ebcd.model.alert import Origin, parse_target
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
 from tests.helpers import mqtt_client, running_daemon, wait_for

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ebcd.protocols.frame_bodies import body_command, command_body
 from ebcd.protocols.messages import Command, PlayCommand, StopCommand
-from ebcd.protocols.mqtt_codec import decode_command, encode_command
+from ebcd.protocols.mqtt.codec import decode_command, encode_command
+from ebcd.protocols.serial.bodies import body_command, command_body
 from ebcd.security.replay import (
     REPLAY_WINDOW_S,
     ReplayError,

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert import AlertRequest, parse_target
 from ebcd.alert_run import AlertRun
 from ebcd.config import Config
 from ebcd.delivery import DState
-from ebcd.protocols import mqtt_codec
-from ebcd.protocols.frame import (
+from ebcd.model.alert import AlertRequest, parse_target
+from ebcd.protocols.messages import PlayCommand
+from ebcd.protocols.mqtt import codec as mqtt_codec
+from ebcd.protocols.mqtt.codec import Topics
+from ebcd.protocols.serial.frame import (
     BroadcastResult,
     BroadcastStart,
     Frame,
@@ -24,8 +26,6 @@ from ebcd.protocols.frame import (
     command_body,
     encode_frame,
 )
-from ebcd.protocols.messages import PlayCommand
-from ebcd.protocols.mqtt_codec import Topics
 from ebcd.security.bench import bench_signer
 from ebcd.security.replay import quantize_command, sign_command
 from ebcd.security.signing import Ed25519SigningKey, Signer

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.protocols.frame import (
+from ebcd.protocols.messages import AckStatus, PlayCommand, TerminalReport
+from ebcd.protocols.serial.bus import SerialBusMaster
+from ebcd.protocols.serial.frame import (
     Body,
     BroadcastResult,
     BroadcastStart,
@@ -26,8 +28,6 @@ from ebcd.protocols.frame import (
     TerminalState,
     encode_frame,
 )
-from ebcd.protocols.messages import AckStatus, PlayCommand, TerminalReport
-from ebcd.protocols.serial_link import SerialBusMaster
 from simulators.serial_bus import BusFaults, SerialBusSimulator, SimulatedTerminal, parse_terminals
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert import CircleTarget, PolygonTarget, parse_target
-from ebcd.codes import ResourceCode
 from ebcd.config import load_config
+from ebcd.model.alert import CircleTarget, PolygonTarget, parse_target
+from ebcd.model.codes import ResourceCode
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import TopologyError, load_district
 

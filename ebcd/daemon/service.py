@@ -11,10 +11,10 @@ from pathlib import Path
 import structlog
 
 from ebcd import log as logsetup
-from ebcd import sdnotify
-from ebcd.authority import AuthorityError
+from ebcd.admission.authority import AuthorityError
 from ebcd.config import Config
-from ebcd.daemon import Daemon
+from ebcd.daemon import sdnotify
+from ebcd.daemon.daemon import Daemon
 from ebcd.security.mqtt_auth import MqttAuthError
 from ebcd.security.signing import SecurityError
 from ebcd.tiers.district import District

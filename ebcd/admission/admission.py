@@ -16,17 +16,17 @@ from typing import Any
 
 import structlog
 
-from ebcd.alert import AlertRequest, MsgType, Origin
+from ebcd.admission.authority import DISTRICT_WIDE, Scope, UpstreamAuthority
 from ebcd.alert_run import AlertRun
-from ebcd.authority import DISTRICT_WIDE, Scope, UpstreamAuthority
-from ebcd.codes import ebmid as make_ebmid
 from ebcd.config import Config
 from ebcd.engine import Engine
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.cap import parse_cap
 from ebcd.ingest.json_alert import parse_json_alert
+from ebcd.journal.journal import Journal, JournalError
 from ebcd.metrics import Metrics
-from ebcd.store import Journal, JournalError
+from ebcd.model.alert import AlertRequest, MsgType, Origin
+from ebcd.model.codes import ebmid as make_ebmid
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 

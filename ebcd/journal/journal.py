@@ -3,7 +3,7 @@
 What it keeps: every received upstream message (before any judgement) and the verdict on it, every
 alert document, every delivery transition (an append-only log plus the latest state of each
 delivery), (sender, identifier) claims for de-duplication and the audit of who did what. This
-module owns the schema, its migrations and every statement; `ebcd.store_worker` runs them on the
+module owns the schema, its migrations and every statement; `ebcd.journal.worker` runs them on the
 writer thread (its docstring tells how: queue, bound, batches, failures, commit latency).
 
 Contract with callers: an awaited write has been committed; with the default `synchronous=FULL`
@@ -34,10 +34,10 @@ from typing import Any, ClassVar, Final, NamedTuple, Self
 
 import structlog
 
-from ebcd.store_worker import JournalStats as JournalStats  # re-exported: the types a caller meets
-from ebcd.store_worker import NullWorker, StoreWorker
-from ebcd.store_worker import OnCommit as OnCommit
-from ebcd.store_worker import Synchronous as Synchronous
+from ebcd.journal.worker import JournalStats as JournalStats  # re-exported: the types a caller meets
+from ebcd.journal.worker import NullWorker, StoreWorker
+from ebcd.journal.worker import OnCommit as OnCommit
+from ebcd.journal.worker import Synchronous as Synchronous
 
 log = structlog.get_logger(__name__)
 

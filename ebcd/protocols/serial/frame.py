@@ -36,7 +36,7 @@ from enum import IntEnum
 
 from ebcd.protocols.bcd import EBRID_BCD_BYTES, BcdError, pack_ebrid, unpack_ebrid
 from ebcd.protocols.crc import crc32_mpeg2
-from ebcd.protocols.frame_bodies import (
+from ebcd.protocols.serial.bodies import (
     Body,
     BroadcastResult,
     BroadcastStart,
@@ -57,7 +57,7 @@ from ebcd.protocols.frame_bodies import (
     report_result,
     result_report,
 )
-from ebcd.protocols.frame_errors import (
+from ebcd.protocols.serial.errors import (
     CrcError,
     FrameError,
     LocalProtocolError,

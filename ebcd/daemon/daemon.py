@@ -24,25 +24,25 @@ import structlog
 from prometheus_client import start_http_server
 
 from ebcd import __version__
-from ebcd.admission import Admission, alert_doc
-from ebcd.alert import AlertRequest
+from ebcd.admission.admission import Admission, alert_doc
+from ebcd.admission.authority import DISTRICT_WIDE, OperatorAuthority, Scope, UpstreamAuthority
+from ebcd.admission.scheduler import Scheduler
 from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
-from ebcd.authority import DISTRICT_WIDE, OperatorAuthority, Scope, UpstreamAuthority
 from ebcd.config import Config, parse_broker_url
-from ebcd.control import SOCKET_NAME, serve
-from ebcd.control_handler import ControlHandler
+from ebcd.control.handler import ControlHandler
+from ebcd.control.socket import SOCKET_NAME, serve
 from ebcd.delivery import Backoff, Delivery, DState
 from ebcd.engine import Engine
 from ebcd.ingest import IngestError, Reason
+from ebcd.journal.journal import Journal, JournalError, NullJournal
 from ebcd.metrics import Metrics
-from ebcd.protocols import mqtt_codec
-from ebcd.protocols.mqtt_codec import CodecError, Topics
-from ebcd.protocols.mqtt_link import LinkState, MqttLink, Will, response_properties, response_target
-from ebcd.protocols.serial_link import SerialBusMaster
-from ebcd.scheduler import Scheduler
+from ebcd.model.alert import AlertRequest
+from ebcd.protocols.mqtt import codec as mqtt_codec
+from ebcd.protocols.mqtt.codec import CodecError, Topics
+from ebcd.protocols.mqtt.link import LinkState, MqttLink, Will, response_properties, response_target
+from ebcd.protocols.serial.bus import SerialBusMaster
 from ebcd.security.bench import BENCH, signer_from
 from ebcd.security.mqtt_auth import read_secret, tls_context
-from ebcd.store import Journal, JournalError, NullJournal
 from ebcd.tiers.district import District
 from ebcd.transport import MqttTransport, SerialTransport
 

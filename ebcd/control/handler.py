@@ -13,16 +13,16 @@ from typing import Any
 
 import structlog
 
-from ebcd.admission import Admission
-from ebcd.alert import AlertRequest
+from ebcd.admission.admission import Admission
+from ebcd.admission.authority import OperatorAuthority, Scope, as_room
+from ebcd.admission.schedule import TestOutcome
 from ebcd.alert_run import AlertRun, AlertState
-from ebcd.authority import OperatorAuthority, Scope, as_room
-from ebcd.control import ControlError, Peer
+from ebcd.control.socket import ControlError, Peer
 from ebcd.delivery import DState
 from ebcd.engine import Engine
 from ebcd.ingest import IngestError, Reason
-from ebcd.schedule import TestOutcome
-from ebcd.store import Journal
+from ebcd.journal.journal import Journal
+from ebcd.model.alert import AlertRequest
 from ebcd.tiers.district import District
 from ebcd.tiers.rollup import Tally
 

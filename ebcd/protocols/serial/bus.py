@@ -33,7 +33,15 @@ from typing import Any, TypeVar
 import serial_asyncio_fast
 import structlog
 
-from ebcd.protocols.frame import (
+from ebcd.protocols.messages import (
+    AckStatus,
+    Command,
+    Liveness,
+    PlayCommand,
+    TerminalPresence,
+    TerminalReport,
+)
+from ebcd.protocols.serial.frame import (
     Body,
     BroadcastResult,
     BroadcastStart,
@@ -52,14 +60,6 @@ from ebcd.protocols.frame import (
     encode_frame,
     max_targets_per_frame,
     result_report,
-)
-from ebcd.protocols.messages import (
-    AckStatus,
-    Command,
-    Liveness,
-    PlayCommand,
-    TerminalPresence,
-    TerminalReport,
 )
 
 log = structlog.get_logger("ebcd.serial")

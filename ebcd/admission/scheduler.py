@@ -1,5 +1,5 @@
 """Scheduled test broadcasts: send each configured `[[test_broadcast]]` when due, then record
-which of its terminals missed it (when (`due`) and what (`TestOutcome`) are `ebcd.schedule`'s)."""
+which of its terminals missed it (when (`due`) and what (`TestOutcome`) are `ebcd.admission.schedule`'s)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 
 import structlog
 
-from ebcd.admission import Admission
+from ebcd.admission.admission import Admission
+from ebcd.admission.schedule import TestOutcome, due, previous_fire
 from ebcd.alert_run import AlertState
 from ebcd.config import Config
 from ebcd.engine import Engine
 from ebcd.ingest import IngestError
 from ebcd.metrics import Metrics
-from ebcd.schedule import TestOutcome, due, previous_fire
 
 log = structlog.get_logger("ebcd.scheduler")
 

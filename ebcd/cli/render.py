@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from ebcd.control import ControlClient, NoDaemon
+from ebcd.control.socket import ControlClient, NoDaemon
 from ebcd.tiers.district import District
 
 console = Console()

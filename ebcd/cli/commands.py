@@ -15,7 +15,7 @@ import typer
 
 from ebcd import log as logsetup
 from ebcd.config import Config, ConfigError, load_config, shipped_config_path
-from ebcd.control import SOCKET_NAME, ControlClient, NoDaemon
+from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import TopologyError, load_district
 
@@ -125,7 +125,7 @@ def run(
     ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
-    from ebcd.service import run_daemon
+    from ebcd.daemon.service import run_daemon
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
@@ -196,7 +196,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """Zero set-up: broker, daemon, 769 simulated terminals, a district-wide test alert, coverage."""
-    from ebcd.demo import run_demo
+    from ebcd.cli.demo import run_demo
 
     raise typer.Exit(
         run_demo(
@@ -228,8 +228,8 @@ def alert_send(
     config: ConfigOpt = None,
 ) -> None:
     """Send an alert; print its id (with --wait, follow it and print the coverage)."""
-    from ebcd.alert import AlertRequest, parse_target
-    from ebcd.cli_render import follow
+    from ebcd.cli.render import follow
+    from ebcd.model.alert import AlertRequest, parse_target
 
     try:
         targets = [parse_target(t) for t in target]
@@ -279,7 +279,7 @@ def alert_status(
     alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
 ) -> None:
     """Show an alert's state."""
-    from ebcd.cli_render import print_state
+    from ebcd.cli.render import print_state
 
     state = _ask(_client(state_dir, config), "status", id=alert_id)["state"]
     if as_json:
@@ -291,7 +291,7 @@ def alert_status(
 @alert_app.command("list")
 def alert_list(as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
     """List the alerts the daemon holds."""
-    from ebcd.cli_render import print_alerts
+    from ebcd.cli.render import print_alerts
 
     alerts = _ask(_client(state_dir, config), "list")["alerts"]
     if as_json:
@@ -345,7 +345,7 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Coverage of an alert per town and village, and the terminals that failed and why."""
-    from ebcd.cli_render import print_report
+    from ebcd.cli.render import print_report
 
     answer = _ask(_client(state_dir, config), "report", id=alert_id)
     answer.pop("ok", None)
@@ -386,7 +386,7 @@ def terminals(
     config: ConfigOpt = None,
 ) -> None:
     """Terminals with their liveness state."""
-    from ebcd.cli_render import print_terminals
+    from ebcd.cli.render import print_terminals
 
     rows = _ask(_client(state_dir, config), "terminals")["terminals"]
     if state:
@@ -424,7 +424,7 @@ def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @topology_app.command("show")
 def topology_show(config: ConfigOpt = None) -> None:
     """The tree of towns and villages with terminal counts."""
-    from ebcd.cli_render import print_topology
+    from ebcd.cli.render import print_topology
 
     _, district = _load(config)
     print_topology(district)
@@ -435,7 +435,7 @@ def frame_decode(
     hex_bytes: Annotated[str, typer.Argument(metavar="HEX", help="bytes as hex, spaces allowed")],
 ) -> None:
     """Decode a captured serial frame: fields, addresses, CRC verdict."""
-    from ebcd.protocols import frame
+    from ebcd.protocols.serial import frame
 
     desc = frame.describe_hex(hex_bytes)
     for line in frame.render_description(desc):

@@ -1,6 +1,6 @@
 """The journal's engine: one SQLite connection on its own thread, fed from asyncio, with group commit.
 
-It knows no table: its owner (`ebcd.store.Journal`) gives it the schema set-up and the statements,
+It knows no table: its owner (`ebcd.journal.journal.Journal`) gives it the schema set-up and the statements,
 and it runs them. It does speak the journal's words: its log events are `journal.*`, its errors are
 the owner's exception class, and the rows it appends for the owner are called transitions in the
 one error and the one counter about them. `NullWorker` (under `NullJournal`) is never started and

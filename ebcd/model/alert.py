@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ebcd import events
+from ebcd.model import events
 
 MAX_TEXT_CHARS = 2000
 MAX_TARGETS = 1000

@@ -32,8 +32,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ebcd.alert import AlertRequest, parse_target
-from ebcd.events import TEST_EVENT
+from ebcd.model.alert import AlertRequest, parse_target
+from ebcd.model.events import TEST_EVENT
 
 DAYS = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")  # index = datetime.weekday()
 DEFAULT_TIMEZONE = "Asia/Shanghai"

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import structlog
 
-from ebcd.alert import AlertRequest, Origin, parse_target
 from ebcd.config import Config, OperatorConfig, UpstreamSender
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.xmldsig import CapSignatureCheck
+from ebcd.model.alert import AlertRequest, Origin, parse_target
 from ebcd.security.mqtt_auth import read_secret
 from ebcd.security.signing import SecurityError
 from ebcd.tiers.district import District

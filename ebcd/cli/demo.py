@@ -20,9 +20,9 @@ from typing import Any
 
 from rich.console import Console
 
-from ebcd.cli_render import follow, print_report
+from ebcd.cli.render import follow, print_report
 from ebcd.config import load_config
-from ebcd.control import SOCKET_NAME, ControlClient, NoDaemon
+from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
 from ebcd.tiers.loader import load_district
 
 console = Console(stderr=True)

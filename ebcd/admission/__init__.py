@@ -1,0 +1,1 @@
+"""How a request becomes an alert: parsing, de-duplication, authority, review and scheduled tests."""

@@ -1,0 +1,1 @@
+"""The `ebcd` command line: commands, rendering, the demo."""

@@ -1,0 +1,1 @@
+"""The local control socket: framing and peers (socket), and what each request does (handler)."""

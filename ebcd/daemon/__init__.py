@@ -1,0 +1,1 @@
+"""The daemon: builds the parts and wires them together; the service wrapper for systemd."""
