@@ -27,7 +27,9 @@ TOWNS = [  # (name, villages, own terminals, serial)
 FIRST = "东西南北上下前后新老大小高龙凤双桥河湖山石松柏桃李杨柳"
 SECOND = "岗湾塘庄冲圩店铺港畈坝岭集园洼埠"
 LOUDSPEAKER = "0314"
-SERIAL_PORT_DIR = "/tmp/ebcd-sim"  # noqa: S108  (simulated buses: pty links any user can make)
+# Simulated buses: `ebcd run` and `ebcd simulate` expand {run_dir} to one folder per run
+# (ebcd.protocols.serial.ports); a real room names its device instead, e.g. /dev/ttyUSB0.
+SERIAL_PORT_DIR = "{run_dir}"
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ A terminal that refuses a command (unsigned, bad signature, stale, replayed) can
 (commands are never answered): it keeps the refusal and answers its next heartbeat poll with it,
 a broadcast result with status refused and the cause, one a poll, so that the master also hears
 of forged or replayed frames it never sent. A query that returns the refusal reports it as well.
+A terminal still playing says how long it has left (the result's `remaining_s`, rounded up).
 
 Usable in-process (`SerialBusSimulator`) or on its own:
     python -m simulators.serial_bus --terminals CODE:ADDR,... --pty-link PATH --baud 9600
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import random
 import signal
@@ -34,6 +36,7 @@ from pathlib import Path
 import structlog
 
 from ebcd.protocols.serial.frame import (
+    MAX_REMAINING_S,
     Body,
     BroadcastResult,
     BroadcastStart,
@@ -123,9 +126,16 @@ class SimulatedTerminal:
     """One terminal: plays each (alert id, revision) once, answers queries and heartbeats."""
 
     def __init__(
-        self, code: str, address: int, *, play_time_s: float = 0.0, check: CommandCheck | None = None
+        self,
+        code: str,
+        address: int,
+        *,
+        play_time_s: float = 0.0,
+        check: CommandCheck | None = None,
+        says_remaining: bool = True,
     ) -> None:
         self.code = code
+        self.says_remaining = says_remaining  # False: older firmware, results without remaining_s
         self.check = check  # None: obeys unsigned commands (a bench without keys)
         self.address = address
         self.play_time_s = play_time_s
@@ -216,13 +226,17 @@ class SimulatedTerminal:
             )
             self._reported(refusal)
             return refusal
+        remaining_s = None
+        ends_at = task.started_at + self.play_time_s
         if task.stopped_seq is not None:
             status, seq = ResultStatus.STOPPED, task.stopped_seq
-        elif now < task.started_at + self.play_time_s:
+        elif now < ends_at:
             status = ResultStatus.PLAYING
+            if self.says_remaining:
+                remaining_s = min(MAX_REMAINING_S, math.ceil(ends_at - now))
         else:
             status = ResultStatus.DONE
-        return BroadcastResult(query.ebmid, query.alert_id, query.revision, seq, status, cause)
+        return BroadcastResult(query.ebmid, query.alert_id, query.revision, seq, status, cause, remaining_s)
 
     def _start(self, start: BroadcastStart, now: float) -> None:
         key = (start.alert_id, start.revision)
@@ -280,6 +294,7 @@ class SerialBusSimulator:
         record_frames: bool = False,
         verifier: Verifier | None = None,
         replay_window_s: float = REPLAY_WINDOW_S,
+        says_remaining: bool = True,
     ) -> None:
         shared = CachingVerifier(verifier) if verifier is not None else None
         self.terminals = {
@@ -288,6 +303,7 @@ class SerialBusSimulator:
                 address,
                 play_time_s=play_time_s,
                 check=CommandCheck(shared, window_s=replay_window_s) if shared is not None else None,
+                says_remaining=says_remaining,
             )
             for code, address in terminals.items()
         }
@@ -305,6 +321,7 @@ class SerialBusSimulator:
         self._master_fd: int | None = None
         self._slave_fd: int | None = None
         self._link: Path | None = None
+        self._pty_path: str | None = None
         self._server: asyncio.Server | None = None
         self._client: asyncio.StreamWriter | None = None
 
@@ -325,7 +342,7 @@ class SerialBusSimulator:
         self._master_fd, self._slave_fd = master_fd, slave_fd  # keeping the slave open avoids EIO on close
         asyncio.get_running_loop().add_reader(master_fd, self._pty_readable)
         self._write = self._pty_write
-        path = os.ttyname(slave_fd)
+        path = self._pty_path = os.ttyname(slave_fd)
         if link is not None:
             self._link = Path(link)
             tmp = self._link.with_name(f".{self._link.name}.{os.getpid()}")
@@ -346,7 +363,7 @@ class SerialBusSimulator:
         return self.url
 
     async def close(self) -> None:
-        """Stop serving; remove the symlink; cancel pending replies."""
+        """Stop serving; remove the symlink if it still leads to this bus; cancel pending replies."""
         for task in list(self._replies):
             task.cancel()
         await asyncio.gather(*self._replies, return_exceptions=True)
@@ -356,8 +373,9 @@ class SerialBusSimulator:
                 if fd is not None:
                     os.close(fd)
             self._master_fd = self._slave_fd = None
-        if self._link is not None and self._link.is_symlink():
+        if self._link is not None and self._owns_link(self._link):
             self._link.unlink()
+        self._link = None
         if self._client is not None:
             self._client.close()
         if self._server is not None:
@@ -371,6 +389,13 @@ class SerialBusSimulator:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def _owns_link(self, link: Path) -> bool:
+        """Whether `link` is still the symlink to this bus's pty (another bus may have taken its place)."""
+        try:
+            return os.readlink(link) == self._pty_path
+        except OSError:  # gone, or not a symlink
+            return False
 
     def _pty_readable(self) -> None:
         assert self._master_fd is not None  # noqa: S101 - the reader is removed before the fd is closed

@@ -100,10 +100,10 @@ def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture(scope="session")
 def shipped_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    """The shipped district, its serial rooms' ports moved into a folder of this test session.
+    """The shipped district, its serial rooms' ports (`{run_dir}/<room>`) in a folder of this session.
 
-    The simulated serial buses of the tests open their ptys there, so tests never touch the
-    shipped /tmp/ebcd-sim paths a demo on the same machine may be using; 115200 baud keeps them quick.
+    The simulated serial buses of the tests open their ptys there, so tests never touch the buses
+    of a demo or a simulator running on the same machine; 115200 baud keeps them quick.
     """
     here = tmp_path_factory.mktemp("district")
     shipped = shipped_config_path().parent
@@ -112,7 +112,8 @@ def shipped_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     assert "[serial]" not in toml, "the shipped config gained a [serial] section: merge the override below"
     (here / "ebcd.toml").write_text(toml + "\n[serial]\nbaudrate = 115200\n", encoding="utf-8")
     rooms = (shipped / "rooms.csv").read_text(encoding="utf-8")
-    (here / "rooms.csv").write_text(rooms.replace("/tmp/ebcd-sim/", f"{here}/bus-"), encoding="utf-8")
+    assert rooms.count(",{run_dir}/") == 19, "the shipped serial rooms' ports moved: update this fixture"
+    (here / "rooms.csv").write_text(rooms.replace(",{run_dir}/", f",{here}/bus-"), encoding="utf-8")
     return load_config(here / "ebcd.toml")
 
 

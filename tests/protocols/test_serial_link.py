@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,12 @@ from ebcd.protocols.messages import (
     TerminalPresence,
     TerminalReport,
 )
-from ebcd.protocols.serial.bus import MAX_RESULTS_PER_POLL_ROUND, BusClosedError, SerialBusMaster
+from ebcd.protocols.serial.bus import (
+    MAX_RESULTS_PER_POLL_ROUND,
+    POLL_INTERVAL_S,
+    BusClosedError,
+    SerialBusMaster,
+)
 from ebcd.protocols.serial.frame import (
     BroadcastStart,
     Frame,
@@ -39,6 +46,8 @@ TERMINALS = {f"634152310100103140104{i:02d}": i for i in range(1, 9)}
 CODES = list(TERMINALS)
 FAST_BAUD = 115200
 WAIT_S = 20.0
+REMAINING_ROUNDING_S = 1.0  # a terminal says its remaining play time in whole seconds, rounded up
+SLACK_S = 1.0  # the exchanges themselves, on a loaded machine
 
 
 def play(alert_id: str = "alert-1", revision: int = 1, seq: int = 1, ttl_s: float = 600.0) -> PlayCommand:
@@ -95,6 +104,7 @@ async def bus(
     tcp: bool = False,
     record_frames: bool = False,
     verifying: bool = False,
+    says_remaining: bool = True,
     **master_options: Any,
 ) -> AsyncIterator[tuple[SerialBusSimulator, SerialBusMaster, Collector]]:
     async with SerialBusSimulator(
@@ -105,6 +115,7 @@ async def bus(
         seed=20240601,
         record_frames=record_frames,
         verifier=bench_signer("ed25519").verifier() if verifying else None,
+        says_remaining=says_remaining,
     ) as sim:
         url = await (sim.start_tcp() if tcp else sim.start_pty())
         collector = Collector()
@@ -228,6 +239,55 @@ async def test_routine_polling_reports_progress_and_heartbeats() -> None:
     heartbeats = [p for p in collector.presences if p.heartbeat]
     assert {p.terminal for p in heartbeats} == set(CODES)
     assert {p.session for p in collector.presences} == {1}
+
+
+def queries_per_terminal(sim: SerialBusSimulator, alert_id: str) -> Counter[str]:
+    assert sim.heard is not None
+    return Counter(
+        f.targets[0] for f in sim.heard if isinstance(f.body, Query) and f.body.alert_id == alert_id
+    )
+
+
+async def test_back_to_back_broadcasts_the_end_of_play_is_known_at_once() -> None:
+    """The second of two broadcasts to a room need not wait for the next routine poll round.
+
+    A terminal that is still playing says how long it has left; the master asks it again then,
+    so its "done" (the engine's cue that the terminal is free for the next alert) arrives within
+    play time + rounding + one busy poll, not after `poll_interval_s` (30 s).
+    """
+    play_s, busy_s = 1.0, 0.5
+    options = {"poll_interval_s": POLL_INTERVAL_S, "busy_poll_s": busy_s}
+    async with bus(play_time_s=play_s, record_frames=True, **options) as (sim, master, collector):
+        await collector.until(lambda: sum(p.heartbeat for p in collector.presences) >= 8)  # first round over
+        first = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        assert first.reports == dict.fromkeys(CODES, AckStatus.PLAYING)
+        await collector.until(
+            lambda: collector.statuses() == dict.fromkeys(CODES, AckStatus.DONE),
+            timeout_s=play_s + REMAINING_ROUNDING_S + busy_s + SLACK_S,
+        )
+        second = await asyncio.wait_for(master.dispatch(play("alert-2", seq=2), CODES), WAIT_S)
+    assert second.reports == dict.fromkeys(CODES, AckStatus.PLAYING)
+    assert plays_per_terminal(sim) == dict.fromkeys(CODES, 2)
+    # one query by the alert job, one when the play should have ended: no more, and no poll round
+    assert queries_per_terminal(sim, "alert-1") == dict.fromkeys(CODES, 2)
+    assert sim.heard is not None
+    kinds = [type(f.body) for f in sim.heard]
+    assert kinds.count(Heartbeat) == 8  # only the round at connect
+
+
+async def test_a_terminal_that_does_not_say_its_remaining_time_is_asked_every_busy_poll() -> None:
+    play_s, busy_s = 1.0, 0.3
+    options = {"poll_interval_s": POLL_INTERVAL_S, "busy_poll_s": busy_s, "says_remaining": False}
+    async with bus(play_time_s=play_s, record_frames=True, **options) as (sim, master, collector):
+        first = await asyncio.wait_for(master.dispatch(play(), CODES), WAIT_S)
+        assert first.reports == dict.fromkeys(CODES, AckStatus.PLAYING)
+        await collector.until(
+            lambda: collector.statuses() == dict.fromkeys(CODES, AckStatus.DONE),
+            timeout_s=play_s + busy_s + SLACK_S,
+        )
+    most = 1 + math.ceil(play_s / busy_s) + 1  # the job's query, the re-queries while playing, the done
+    assert all(2 <= n <= most for n in queries_per_terminal(sim, "alert-1").values())
+    assert set(queries_per_terminal(sim, "alert-1")) == set(CODES)
 
 
 async def test_alert_preempts_routine_polling() -> None:

@@ -63,6 +63,23 @@ def test_terminal_plays_each_alert_revision_once() -> None:
     assert len(terminal.plays) == 2
 
 
+def test_a_playing_terminal_says_how_long_it_has_left() -> None:
+    def remaining(terminal: SimulatedTerminal, now: float) -> int | None:
+        reply = terminal.handle(to((terminal.code,), Query(EBMID, "a-1", 1)), now)
+        assert isinstance(reply, BroadcastResult)
+        return reply.remaining_s
+
+    terminal = SimulatedTerminal(T1, 1, play_time_s=10.0)
+    terminal.handle(to((T1,), start()), 0.0)
+    assert remaining(terminal, 1.0) == 9
+    assert remaining(terminal, 9.5) == 1  # rounded up: asking again then finds it done
+    assert remaining(terminal, 10.0) is None  # done: the old form of the result
+    older = SimulatedTerminal(T2, 2, play_time_s=10.0, says_remaining=False)
+    older.handle(to((T2,), start()), 0.0)
+    assert remaining(older, 1.0) is None
+    assert status(older, 1.0) is ResultStatus.PLAYING
+
+
 def test_terminal_stop_wins_even_before_the_start() -> None:
     terminal = SimulatedTerminal(T1, 1, play_time_s=10.0)
     terminal.handle(to((T1,), BroadcastStop(EBMID, "a-1", 1, seq=5, reason="cancel")), 0.0)

@@ -12,7 +12,10 @@ Body layouts (big-endian; "str8" is u8 length + bytes, "str16" u16 length + byte
                           from a terminal
     0x13 fault report     kind u8 (1 fault, 2 recovered), fault code u16, description str8 UTF-8
     0x15 broadcast result ebmid(18) revision u16, seq u32, status u8, alert id str8, cause str8
-                          UTF-8 (empty = none); status 0 means "never received that broadcast"
+                          UTF-8 (empty = none)[, remaining_s u16]; status 0 means "never received
+                          that broadcast"; remaining_s (ebcd's extension, optional: a result
+                          without it decodes as before) is the play time left in whole seconds,
+                          rounded up, 0xFFFF for that or more, sent by a terminal still playing
 
 0x11 query answer, 0x14 task start/end, 0x16 broadcast log and unknown codes decode to RawBody.
 """
@@ -36,6 +39,7 @@ MAX_U32 = 0xFFFFFFFF
 FLAG_TEST = 0x01
 FLAG_AUDIO_REFERENCE = 0x02
 FLAG_RESUME = 0x04  # signed: an older terminal that ignores it checks other bytes and refuses (fails safe)
+MAX_REMAINING_S = MAX_U16  # a broadcast result's remaining play time saturates here
 
 
 class BusinessType(IntEnum):
@@ -145,6 +149,7 @@ class BroadcastResult:
     seq: int
     status: ResultStatus
     cause: str | None = None
+    remaining_s: int | None = None  # play time left (whole seconds, rounded up); None: not said
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +246,16 @@ def encode_body(body: Body) -> bytes:
         case Heartbeat():
             return b"" if body.state is None else _LEN8.pack(body.state)
         case BroadcastResult():
+            remaining = b""
+            if body.remaining_s is not None:
+                _check_int("remaining_s", body.remaining_s, MAX_REMAINING_S)
+                remaining = _LEN16.pack(body.remaining_s)
             return (
                 _head(body.ebmid, body.revision, body.seq)
                 + _LEN8.pack(body.status)
                 + _str("alert id", body.alert_id, "ascii", _LEN8)
                 + _str("cause", body.cause or "", "utf-8", _LEN8)
+                + remaining
             )
         case FaultReport():
             _check_int("fault code", body.code, MAX_U16)
@@ -273,6 +283,11 @@ class _Reader:
         chunk = self.data[self.pos : self.pos + size]
         self.pos += size
         return chunk
+
+    @property
+    def more(self) -> bool:
+        """Whether any bytes are left (for an optional trailing field)."""
+        return self.pos < len(self.data)
 
     def unpack(self, fmt: struct.Struct, field: str) -> tuple[int, ...]:
         return tuple(fmt.unpack(self.take(fmt.size, field)))
@@ -350,7 +365,8 @@ def decode_body(business_type: int, data: bytes) -> Body:
             status = r.enum(ResultStatus, "status")
             alert_id = r.text("alert id", _LEN8, "ascii")
             cause = r.text("cause", _LEN8, "utf-8") or None
-            return r.done(BroadcastResult(ebmid, alert_id, revision, seq, status, cause))
+            remaining_s = r.unpack(_LEN16, "remaining seconds")[0] if r.more else None
+            return r.done(BroadcastResult(ebmid, alert_id, revision, seq, status, cause, remaining_s))
         case BusinessType.FAULT_REPORT:
             fault = r.enum(FaultKind, "kind")
             (code,) = r.unpack(_LEN16, "fault code")

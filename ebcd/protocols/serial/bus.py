@@ -2,16 +2,27 @@
 
 Theory of operation. One owner task per port (`run`) opens it, feeds received bytes to a
 `FrameDecoder` and does the bus's work one exchange at a time, half duplex. Alert jobs queued by
-`dispatch` run first, in the order queued; routine polling (a heartbeat to every terminal each
-`poll_interval_s`, plus a re-query of results still in progress) runs only when no alert job
-waits, so an alert waits for at most one routine exchange. An alert job sends its command once to
+`dispatch` run first, in the order queued; follow-up and routine polling run only when no alert
+job waits, so an alert waits for at most one such exchange. An alert job sends its command once to
 all its terminals (nobody answers a frame with several targets), then queries each terminal in
 address order until it answers with a broadcast result or the attempts run out; a terminal that
 answers "never received it" gets the command again, addressed to it alone. Replies are matched by
 (terminal EBRID, session): the waiter is registered before the write and removed in `finally`;
-any other frame is dropped and counted. When the port fails the owner reopens it with capped,
-jittered backoff, forgets what it knew about liveness (unknown, not offline) and resumes the job
-it was running, re-sending its command (terminals play each (alert, revision) once).
+any other frame is dropped and counted.
+
+Follow-up: a result still in progress (received, playing) is queried again when it should have
+changed: after the play time the terminal said it had left (the result's `remaining_s`), or
+`busy_poll_s` later when it did not say (doubling while it gives no answer), never more than
+`poll_interval_s` apart, until it is final or the broadcast's ttl has passed. So the engine learns
+within moments that a terminal finished and is free for the next alert, not at the next round of
+routine polling: a heartbeat to every terminal each `poll_interval_s`.
+
+When the port fails the owner reopens it with capped, jittered backoff, forgets what it knew about
+liveness (unknown, not offline) and resumes the job it was running, re-sending its command
+(terminals play each (alert, revision) once). When opening the port fails, the master is down
+(`down_cause` says why, e.g. the path does not exist): the jobs queued fail with `BusDownError`
+naming the cause and the terminals they did not reach, and so does every `dispatch` until the port
+opens again, at once rather than after the acknowledgement timeouts.
 
 A terminal may answer a heartbeat poll with a broadcast result instead of its state: a report it
 could not give when it happened, typically its refusal of a command the master never sent (a
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +73,7 @@ from ebcd.protocols.serial.frame import (
     max_targets_per_frame,
     result_report,
 )
+from ebcd.protocols.serial.ports import RUN_DIR_PLACEHOLDER
 
 log = structlog.get_logger("ebcd.serial")
 
@@ -68,6 +81,8 @@ RESPONSE_TIMEOUT_S = 0.5
 ATTEMPTS_PER_EXCHANGE = 3
 INTER_FRAME_GAP_S = 0.005
 POLL_INTERVAL_S = 30.0
+BUSY_POLL_S = 2.0  # re-query of a result in progress whose terminal did not say how long it has left
+MIN_REQUERY_S = 0.1  # a result in progress is queried again no sooner than this
 OFFLINE_AFTER_MISSES = 3
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
@@ -80,7 +95,16 @@ _FINAL_STATUSES = frozenset({AckStatus.DONE, AckStatus.REFUSED, AckStatus.STOPPE
 
 
 class BusClosedError(Exception):
-    """The bus master stopped before a dispatched command was through."""
+    """The bus cannot carry a dispatched command: its master stopped (or, BusDownError, its port is down)."""
+
+
+class BusDownError(BusClosedError):
+    """The port could not be opened, so a dispatched command cannot go out; `cause` says why."""
+
+    def __init__(self, cause: str, terminals: tuple[str, ...]) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.terminals = terminals  # the terminals it did not reach
 
 
 class PortLostError(ConnectionError):
@@ -118,11 +142,13 @@ class DispatchOutcome:
 
 @dataclass(slots=True)
 class _Watch:
-    """A broadcast result still in progress on one terminal, re-queried by routine polling."""
+    """A broadcast result still in progress on one terminal, queried again at `due_at`."""
 
     query: Query
     last: AckStatus
     expires_at: float
+    due_at: float
+    misses: int = 0  # re-queries in a row without a usable answer
 
 
 @dataclass(slots=True)
@@ -189,12 +215,15 @@ class SerialBusMaster:
         inter_frame_gap_s: float = INTER_FRAME_GAP_S,
         echo_suppression: bool = False,
         poll_interval_s: float | None = POLL_INTERVAL_S,
+        busy_poll_s: float = BUSY_POLL_S,
         offline_after_misses: int = OFFLINE_AFTER_MISSES,
         reconnect_min_s: float = RECONNECT_MIN_S,
         reconnect_max_s: float = RECONNECT_MAX_S,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
+        if busy_poll_s <= 0:
+            raise ValueError("busy_poll_s must be positive")
         encode_frame(Frame(source, tuple(terminals), Heartbeat()))  # every code must be an EBRID
         self.url = url
         self._source = source
@@ -218,18 +247,20 @@ class SerialBusMaster:
         self._gap_s = inter_frame_gap_s
         self._echo_suppression = echo_suppression
         self._poll_interval_s = poll_interval_s
+        self._busy_poll_s = busy_poll_s
         self._offline_after = offline_after_misses
         self._reconnect_s = (reconnect_min_s, reconnect_max_s)
 
         self._decoder = FrameDecoder()
         self._jobs: deque[_Job] = deque()
-        self._poll_queue: deque[tuple[_Terminal, _Watch | None]] = deque()
+        self._poll_queue: deque[_Terminal] = deque()  # heartbeat polls of the round under way
         self._next_round_at = 0.0
         self._wakeup = asyncio.Event()
         self._waiters: dict[tuple[str, int], asyncio.Future[Frame]] = {}
         self._protocol: _BusProtocol | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._lost: PortLostError | None = None
+        self._down_cause: str | None = None
         self._echo = b""
         self._echo_matched = 0
         self._session = random.randrange(MAX_SESSION)
@@ -243,6 +274,11 @@ class SerialBusMaster:
     def connected(self) -> bool:
         """True while the port is open."""
         return self._transport is not None and self._lost is None
+
+    @property
+    def down_cause(self) -> str | None:
+        """Why the port is down (the last attempt to open it failed); None while open or reopening."""
+        return self._down_cause
 
     @property
     def counters(self) -> BusCounters:
@@ -277,6 +313,8 @@ class SerialBusMaster:
         job = _Job(body, deque(known), loop.create_future(), unknown, ttl_s, cmd.signature or None)
         if not known:
             return job.outcome()
+        if self._down_cause is not None:
+            raise BusDownError(self._down_cause, tuple(known))
         self._jobs.append(job)
         self._wakeup.set()
         return await job.done
@@ -306,9 +344,14 @@ class SerialBusMaster:
     async def _serve_connection(self) -> None:
         loop = asyncio.get_running_loop()
         self._heard_since_open = False
-        transport, protocol = await serial_asyncio_fast.create_serial_connection(
-            loop, lambda: _BusProtocol(self), self.url, **self._serial_kwargs
-        )
+        try:
+            transport, protocol = await serial_asyncio_fast.create_serial_connection(
+                loop, lambda: _BusProtocol(self), self.url, **self._serial_kwargs
+            )
+        except OSError as exc:  # serial.SerialException is an OSError
+            self._port_down(exc)
+            raise
+        self._down_cause = None
         assert isinstance(protocol, _BusProtocol)  # noqa: S101 - create_serial_connection returns our factory's protocol
         self._transport, self._protocol, self._lost = transport, protocol, None
         self._decoder = FrameDecoder(stats=self._decoder.stats)
@@ -330,6 +373,17 @@ class SerialBusMaster:
             for terminal in self._terminals.values():
                 terminal.live, terminal.misses = None, 0
 
+    def _port_down(self, exc: OSError) -> None:
+        """Opening the port failed: record why, and fail the jobs waiting for it with that cause."""
+        cause = port_down_cause(self.url, exc)
+        if cause != self._down_cause:
+            self._log.warning("serial.port_down", cause=cause, jobs=len(self._jobs))
+        self._down_cause = cause
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.done.done():
+                job.done.set_exception(BusDownError(cause, tuple(job.remaining)))
+
     async def _work(self) -> None:
         while True:
             self._wakeup.clear()
@@ -341,9 +395,8 @@ class SerialBusMaster:
                 continue
             if await self._poll_step():
                 continue
-            timeout = None
-            if self._poll_interval_s is not None:
-                timeout = max(0.0, self._next_round_at - asyncio.get_running_loop().time())
+            wake_at = self._next_wake_at()
+            timeout = None if wake_at is None else max(0.0, wake_at - asyncio.get_running_loop().time())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
@@ -392,7 +445,8 @@ class SerialBusMaster:
                 continue
             report = result_report(terminal.code, result)
             if report is not None:
-                self._report(terminal, report, query, job.ttl_s)
+                expires_at = asyncio.get_running_loop().time() + job.ttl_s if job.ttl_s > 0 else None
+                self._report(terminal, report, query, expires_at, result.remaining_s)
                 return report
         tlog.warning("serial.no_result", attempts=self._attempts)
         return None
@@ -407,7 +461,15 @@ class SerialBusMaster:
         tlog.warning("serial.unexpected_answer", business_type=reply.business_type)
         return None
 
-    def _report(self, terminal: _Terminal, report: TerminalReport, query: Query, ttl_s: float) -> None:
+    def _report(
+        self,
+        terminal: _Terminal,
+        report: TerminalReport,
+        query: Query,
+        expires_at: float | None,
+        remaining_s: int | None,
+    ) -> None:
+        """Hand a report on; follow a result in progress until `expires_at` (None: do not follow it)."""
         terminal.log.info("serial.report", alert_id=report.alert_id, status=str(report.status))
         if report.status is AckStatus.STOPPED:
             for key in [k for k in terminal.watches if k[0] == report.alert_id]:
@@ -415,43 +477,73 @@ class SerialBusMaster:
         key = (report.alert_id, report.revision)
         if report.status in _FINAL_STATUSES:
             terminal.watches.pop(key, None)
-        elif ttl_s > 0:
-            expires_at = asyncio.get_running_loop().time() + ttl_s
-            terminal.watches[key] = _Watch(query, report.status, expires_at)
+        elif expires_at is not None:
+            due_at = asyncio.get_running_loop().time() + self._requery_delay_s(remaining_s, 0)
+            terminal.watches[key] = _Watch(query, report.status, expires_at, due_at)
         self._emit(self._on_report, report)
 
+    def _requery_delay_s(self, remaining_s: int | None, misses: int) -> float:
+        """When to ask again about a result in progress: when its play should be over, else soon."""
+        delay = float(remaining_s) if remaining_s else self._busy_poll_s * 2 ** min(misses, 16)
+        cap = POLL_INTERVAL_S if self._poll_interval_s is None else self._poll_interval_s
+        return max(MIN_REQUERY_S, min(delay, cap))
+
+    def _due_watch(self, now: float) -> tuple[_Terminal, _Watch] | None:
+        """The result in progress most overdue for a re-query, if any; forgets expired ones."""
+        due: tuple[_Terminal, _Watch] | None = None
+        for terminal in self._terminals.values():
+            for key, watch in list(terminal.watches.items()):
+                if watch.expires_at <= now:
+                    del terminal.watches[key]
+                elif watch.due_at <= now and (due is None or watch.due_at < due[1].due_at):
+                    due = (terminal, watch)
+        return due
+
+    def _next_wake_at(self) -> float | None:
+        """The loop time of the next re-query or poll round, if any is planned."""
+        times = [w.due_at for t in self._terminals.values() for w in t.watches.values()]
+        if self._poll_interval_s is not None:
+            times.append(self._next_round_at)
+        return min(times, default=None)
+
     async def _poll_step(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        due = self._due_watch(now)
+        if due is not None:
+            await self._requery(*due)
+            return True
         if self._poll_interval_s is None:
             return False
-        now = asyncio.get_running_loop().time()
         if not self._poll_queue and now >= self._next_round_at:
             self._next_round_at = now + self._poll_interval_s
-            self._queue_poll_round(now)
+            self._queue_poll_round()
         if not self._poll_queue:
             return False
-        terminal, watch = self._poll_queue.popleft()
-        if watch is None:
-            reply = await self._exchange(terminal, Heartbeat())
-            if reply is not None:
-                self._note_terminal_state(terminal, reply.body)
-            return True
-        result = self._matching_result(await self._exchange(terminal, watch.query), watch.query, terminal.log)
-        report = None if result is None else result_report(terminal.code, result)
-        if report is not None and report.status != watch.last:
-            watch.last = report.status
-            self._report(terminal, report, watch.query, watch.expires_at - now)
+        terminal = self._poll_queue.popleft()
+        reply = await self._exchange(terminal, Heartbeat())
+        if reply is not None:
+            self._note_terminal_state(terminal, reply.body)
         return True
 
-    def _queue_poll_round(self, now: float) -> None:
-        """A heartbeat to every terminal, then a query for each of its results still in progress."""
+    async def _requery(self, terminal: _Terminal, watch: _Watch) -> None:
+        """Ask a terminal again about a result in progress; report a change, plan the next query."""
+        result = self._matching_result(await self._exchange(terminal, watch.query), watch.query, terminal.log)
+        report = None if result is None else result_report(terminal.code, result)
+        now = asyncio.get_running_loop().time()
+        if result is None or report is None:  # no answer, or "never received": ask less and less often
+            watch.misses += 1
+            watch.due_at = now + self._requery_delay_s(None, watch.misses)
+        elif report.status != watch.last:
+            self._report(terminal, report, watch.query, watch.expires_at, result.remaining_s)
+        else:
+            watch.misses = 0
+            watch.due_at = now + self._requery_delay_s(result.remaining_s, 0)
+
+    def _queue_poll_round(self) -> None:
+        """A heartbeat to every terminal."""
         for terminal in self._terminals.values():
             terminal.results_this_round = 0
-            self._poll_queue.append((terminal, None))
-            for key, pending in list(terminal.watches.items()):
-                if pending.expires_at <= now:
-                    del terminal.watches[key]
-                else:
-                    self._poll_queue.append((terminal, pending))
+            self._poll_queue.append(terminal)
 
     def _note_terminal_state(self, terminal: _Terminal, body: Body) -> None:
         if isinstance(body, FaultReport):
@@ -481,7 +573,7 @@ class SerialBusMaster:
             self._emit(self._on_report, report)
         terminal.results_this_round += 1
         if terminal.results_this_round < MAX_RESULTS_PER_POLL_ROUND:
-            self._poll_queue.append((terminal, None))  # it may have more to tell
+            self._poll_queue.append(terminal)  # it may have more to tell
 
     async def _exchange(self, terminal: _Terminal, body: Body) -> Frame | None:
         session = self._next_session()
@@ -620,3 +712,15 @@ class SerialBusMaster:
         except Exception:  # noqa: BLE001 - a failing consumer must not stop the bus; logged and counted
             self.callback_errors += 1
             self._log.exception("serial.callback_failed", value=repr(value))
+
+
+def port_down_cause(url: str, exc: OSError) -> str:
+    """Why a port could not be opened, in words for an alert's report."""
+    if "://" not in url:  # a device or pty path, not a pyserial URL
+        if RUN_DIR_PLACEHOLDER in url:
+            return f"serial port {url} does not exist: its {RUN_DIR_PLACEHOLDER} was never expanded"
+        if not os.path.exists(url):
+            if os.path.islink(url):
+                return f"serial port {url} does not exist (it links to {os.readlink(url)}, which is gone)"
+            return f"serial port {url} does not exist"
+    return f"serial port {url} is down: {exc}"

@@ -37,6 +37,7 @@ from enum import IntEnum
 from ebcd.protocols.bcd import EBRID_BCD_BYTES, BcdError, pack_ebrid, unpack_ebrid
 from ebcd.protocols.crc import crc32_mpeg2
 from ebcd.protocols.serial.bodies import (
+    MAX_REMAINING_S,
     Body,
     BroadcastResult,
     BroadcastStart,
@@ -72,6 +73,7 @@ __all__ = [
     "FRAME_HEADER",
     "FRAME_VERSION",
     "MAX_FRAME_BYTES",
+    "MAX_REMAINING_S",
     "MIN_FRAME_BYTES",
     "Body",
     "BroadcastResult",
