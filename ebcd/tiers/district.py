@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ebcd.model.alert import CircleTarget, CodeTarget, PolygonTarget
 from ebcd.model.codes import AREA_CODE_DIGITS, EBRID_DIGITS, Level, area_level
 from ebcd.tiers import geo
@@ -35,10 +37,15 @@ class District:
     _terminals: dict[str, Terminal] = field(default_factory=dict)
     _villages: dict[str, Village] = field(default_factory=dict)
     _by_area: dict[str, Town | Village] = field(default_factory=dict)
+    _ledger: tuple[Terminal, ...] = ()  # the terminals in ledger order, as `_points` numbers them
+    _points: geo.PointSet = field(default_factory=lambda: geo.PointSet((), ()))
 
     def index(self) -> None:
         """Build the lookup tables after the ledgers are loaded."""
         self._terminals = {t.code: t for town in self.towns.values() for t in town.terminals()}
+        # The ledger does not change at run time: the coordinates become arrays once, here.
+        self._ledger = tuple(self._terminals.values())
+        self._points = geo.PointSet([t.lat for t in self._ledger], [t.lon for t in self._ledger])
         self._villages = {v.code: v for t in self.towns.values() for v in t.villages.values()}
         self._by_area = {t.area: t for t in self.towns.values()}
         self._by_area.update({v.area: v for v in self._villages.values()})
@@ -93,13 +100,9 @@ class District:
 
     def _resolve_one(self, target: AnyTarget) -> Iterable[Terminal]:
         if isinstance(target, PolygonTarget):
-            return (t for t in self._terminals.values() if geo.in_polygon(t.lat, t.lon, target.points))
+            return self._chosen(self._points.in_polygon(target.points))
         if isinstance(target, CircleTarget):
-            return (
-                t
-                for t in self._terminals.values()
-                if geo.distance_km(target.lat, target.lon, t.lat, t.lon) <= target.radius_km
-            )
+            return self._chosen(self._points.within_km(target.lat, target.lon, target.radius_km))
         code = target.code or ""
         if target.kind == "all":
             return self._terminals.values()
@@ -113,6 +116,11 @@ class District:
             village = self.village(code)
             return village.terminals if village else []
         return self._resolve_area(code)
+
+    def _chosen(self, mask: geo.BoolArray) -> list[Terminal]:
+        """The terminals a mask over `_points` selects, in ledger order."""
+        ledger = self._ledger
+        return [ledger[i] for i in np.flatnonzero(mask).tolist()]
 
     def _resolve_area(self, code: str) -> Iterable[Terminal]:
         if len(code) == EBRID_DIGITS:
