@@ -1,13 +1,24 @@
-"""`ebcd simulate`: run the simulated terminals of (part of) a district until SIGTERM."""
+"""`ebcd simulate`: run the simulated terminals of (part of) a district until SIGTERM.
+
+A serial room's simulated bus is a pty whose slave end is linked at the room's port. The folders
+holding those links are this run's: each is locked (`BusDirLock`) for as long as it runs, so a
+second simulator refuses to start on them instead of taking the buses over, and on the way out
+this one removes only what it made (its own links, its lock file, folders it created and left
+empty). Ports that are devices (`/dev/...`) or pyserial URLs (`socket://...`) are not simulated.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import faulthandler
+import fcntl
 import json
+import os
 import signal
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -19,10 +30,132 @@ from ebcd.security.bench import verifier_from
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import plan
-from simulators.mqtt_fleet import MqttFleet, fleet_login
+from simulators.mqtt_fleet import MqttFleet, fleet_login, fleet_signers
 from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 log = structlog.get_logger("ebcd.simulator")
+
+LOCK_FILE_NAME = ".ebcd-simulate.lock"
+DEVICE_DIR = Path("/dev")
+
+
+class BusDirError(Exception):
+    """A folder for simulated buses cannot be used (held by another simulator, not ours, unwritable)."""
+
+
+class BusDirBusyError(BusDirError):
+    """Another live simulator holds the folder."""
+
+
+class BusDirLock:
+    """This process's hold on one folder of simulated buses: a file with our pid, under flock.
+
+    The kernel drops a flock when its holder dies, so the lock file of a killed simulator never
+    blocks the next one; a live holder makes `acquire` raise BusDirBusyError naming its pid.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / LOCK_FILE_NAME
+        self._fd: int | None = None
+        self._created: list[Path] = []  # folders this lock made, outermost first
+
+    def acquire(self) -> None:
+        """Make the folder if need be, check it is ours, and lock it; BusDirError if it cannot be."""
+        try:
+            self._created = _make_dirs(self.directory)
+            info = os.lstat(self.directory)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                what = f"belongs to uid {info.st_uid}"
+                if not stat.S_ISDIR(info.st_mode):
+                    what = "is not a plain folder (a symlink?)"
+                raise BusDirError(f"serial bus folder {self.directory} {what}; pass --run-dir DIR")
+            self._fd = self._lock()
+        except OSError as e:
+            self._remove_created()
+            raise BusDirError(f"serial bus folder {self.directory}: {e.strerror or e}") from None
+        except BusDirError:
+            self._remove_created()
+            raise
+
+    def _lock(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise BusDirBusyError(
+                    f"another ebcd simulate (pid {holder}) holds the serial buses in {self.directory}; "
+                    "stop it, or give this one its own --run-dir DIR"
+                ) from None
+            if _same_file(fd, self.path):  # not a file its last holder unlinked as we opened it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file and the folders this lock made (if left empty); let go of the lock."""
+        if self._fd is None:
+            return
+        if _same_file(self._fd, self.path):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):  # not empty: something else lives there now
+                directory.rmdir()
+        self._created = []
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Create a folder and its missing parents; the ones this call created, outermost first."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        directory = directory.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        created.append(folder)
+    return created
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@contextlib.contextmanager
+def holding(directories: Sequence[Path]) -> Iterator[None]:
+    """Hold every folder of simulated buses for the block; BusDirError if one is not to be had."""
+    with contextlib.ExitStack() as stack:
+        for directory in sorted(set(directories)):
+            lock = BusDirLock(directory)
+            lock.acquire()
+            stack.callback(lock.release)
+        yield
+
+
+def simulated_link(port: str) -> bool:
+    """Whether a room's port is a path the simulator may link a pty at (not a device or a URL)."""
+    if "://" in port:
+        return False
+    path = Path(port).absolute()
+    return DEVICE_DIR not in path.parents
 
 
 def select(district: District, only: Sequence[str]) -> list[Terminal]:
@@ -65,6 +198,9 @@ def run_simulators(
     )
     sec = config.security
     verifier = None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
+    signers = fleet_signers(config, [t.code for t in mqtt_terms])
+    if signers is not None:
+        log.info("simulator.signing", signed=len(signers), unsigned=len(mqtt_terms) - len(signers))
     fleet = MqttFleet(
         district,
         mqtt_terms,
@@ -78,6 +214,7 @@ def run_simulators(
         replay_window_s=sec.replay_window_s,
         tls_context=tls_context,
         passwords=passwords,
+        signers=signers,
     )
     faults_on_bus = BusFaults.parse(bus_faults) if bus_faults else BusFaults()
     play_time = config.simulator.play_time_s if play_time_s is None else play_time_s
@@ -86,6 +223,9 @@ def run_simulators(
     for village in district.villages():
         on_bus = {t.code: t.bus_address or 0 for t in village.terminals if t.code in chosen}
         if village.link == "serial" and village.port and on_bus:
+            if not simulated_link(village.port):
+                log.warning("simulator.port_not_simulated", room=village.code, port=village.port)
+                continue
             bus = SerialBusSimulator(
                 on_bus,
                 baudrate=config.serial.baudrate,
@@ -94,7 +234,8 @@ def run_simulators(
                 seed=seed,
             )
             buses.append((village.port, bus))
-    asyncio.run(_run(fleet, buses))
+    with holding([Path(port).absolute().parent for port, _ in buses]):
+        asyncio.run(_run(fleet, buses))
     return 0
 
 
@@ -105,20 +246,24 @@ async def _run(fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]]) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    for port, bus in buses:
-        Path(port).parent.mkdir(parents=True, exist_ok=True)
-        await bus.start_pty(link=port)
-    if buses:
-        log.info(
-            "simulator.serial_buses", buses=len(buses), terminals=sum(len(b.terminals) for _, b in buses)
-        )
-    task = asyncio.create_task(fleet.run(), name="fleet")
+    task: asyncio.Task[None] | None = None
     try:
+        for port, bus in buses:
+            await bus.start_pty(link=port)
+        if buses:
+            log.info(
+                "simulator.serial_buses",
+                buses=len(buses),
+                terminals=sum(len(b.terminals) for _, b in buses),
+                folders=sorted({str(Path(port).parent) for port, _ in buses}),
+            )
+        task = asyncio.create_task(fleet.run(), name="fleet")
         await stop.wait()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for _, bus in buses:
             await bus.close()
     log.info("simulator.stopped", plays=sum(fleet.plays().values()))

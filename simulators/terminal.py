@@ -3,7 +3,8 @@
 It plays a broadcast once per (alert, revision) however often the command arrives, acknowledges
 every copy (so a lost acknowledgement is repaired by a re-send), refuses retained commands, and
 keeps a log of what it played. It plays one broadcast at a time: a new one replaces the current
-one (the platform decides priority), and a command marked `resume` plays a pre-empted one again.
+one (the platform decides priority), and a command marked `resume` plays a pre-empted one again,
+never one it played to the end (it answers `done` again).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TerminalBehaviour:
     refused: list[tuple[str, str]] = field(default_factory=list)
     resumes: Counter[tuple[str, int]] = field(default_factory=Counter)
     current: tuple[str, int] | None = None  # what the loudspeaker plays now
+    finished: set[tuple[str, int]] = field(default_factory=set)  # played to the end ('done' reported)
     check: CommandCheck | None = None  # None: obeys unsigned commands (a bench without keys)
 
     def on_command(self, cmd: Command, *, retained: bool = False) -> list[Step]:
@@ -81,6 +83,8 @@ class TerminalBehaviour:
             self._play(cmd)
             return []
         delay = SLOW_EXTRA_S if self.fault is Fault.SLOW else 0.0
+        if key in self.finished:  # played to the end already: a resume never plays it twice
+            return [Step(delay, self._report(cmd.alert_id, cmd.revision, AckStatus.DONE, cmd.seq))]
         if self.plays[key] and not (cmd.resume and self.current != key):
             # a re-sent copy: acknowledge again, never play twice
             return [Step(delay, self._report(cmd.alert_id, cmd.revision, AckStatus.RECEIVED, cmd.seq))]
@@ -92,6 +96,14 @@ class TerminalBehaviour:
             Step(delay, self._report(cmd.alert_id, cmd.revision, AckStatus.PLAYING, cmd.seq)),
             Step(delay + self.play_time_s, self._report(cmd.alert_id, cmd.revision, AckStatus.DONE, cmd.seq)),
         ]
+
+    def reported(self, report: TerminalReport) -> None:
+        """A report went out: after 'done' the broadcast is over on this loudspeaker."""
+        key = (report.alert_id, report.revision)
+        if report.status is AckStatus.DONE:
+            self.finished.add(key)
+            if self.current == key:
+                self.current = None
 
     def _play(self, cmd: PlayCommand) -> None:
         key = (cmd.alert_id, cmd.revision)

@@ -81,6 +81,7 @@ class TerminalReport:
     status: AckStatus
     cause: str | None = None
     seq: int = 0
+    signature: bytes = b""  # the terminal's 74-byte block over the report's canonical bytes (MQTT only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +93,4 @@ class TerminalPresence:
     session: int
     heartbeat: bool = False
     playing: tuple[str, ...] = field(default=())
+    signature: bytes = b""  # the terminal's 74-byte block over the presence's canonical bytes (MQTT only)

@@ -7,6 +7,9 @@ Pure: no I/O. Topics (`{d}` the district platform's EBRID, `{t}` a terminal's EB
     ebc/v1/{d}/g/{g}/cmd        ebcd -> every terminal of a village, a town, or the district
     ebc/v1/{d}/t/{t}/report     terminal -> ebcd           acknowledgements and refusals
     ebc/v1/{d}/t/{t}/presence   terminal -> ebcd           birth, heartbeat, last will
+
+Commands carry ebcd's signature block as "sig" (hex); reports and presence may carry their
+terminal's (ebcd.security.reports), which decoding hands over as `signature`, unchecked.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class _ReportWire(_Wire):
     status: AckStatus
     cause: str | None = Field(default=None, max_length=200)
     seq: int = 0
+    sig: str = Field(default="", max_length=512, pattern=r"^([0-9a-fA-F]{2})*$")
 
 
 class _PresenceWire(_Wire):
@@ -153,6 +157,7 @@ class _PresenceWire(_Wire):
     session: int = Field(ge=0)
     heartbeat: bool = False
     playing: tuple[str, ...] = ()
+    sig: str = Field(default="", max_length=512, pattern=r"^([0-9a-fA-F]{2})*$")
 
 
 def _dump(d: dict[str, Any]) -> bytes:
@@ -241,6 +246,8 @@ def encode_report(report: TerminalReport) -> bytes:
         d["cause"] = report.cause
     if report.seq:
         d["seq"] = report.seq
+    if report.signature:
+        d["sig"] = report.signature.hex()
     return _dump(d)
 
 
@@ -250,7 +257,7 @@ def decode_report(terminal: str, payload: bytes) -> TerminalReport:
         r = _ReportWire.model_validate(_load(payload))
     except ValidationError as e:
         raise CodecError(_first_error(e)) from None
-    return TerminalReport(terminal, r.alert, r.rev, r.status, r.cause, r.seq)
+    return TerminalReport(terminal, r.alert, r.rev, r.status, r.cause, r.seq, bytes.fromhex(r.sig))
 
 
 def encode_presence(p: TerminalPresence) -> bytes:
@@ -260,6 +267,8 @@ def encode_presence(p: TerminalPresence) -> bytes:
         d["heartbeat"] = True
     if p.playing:
         d["playing"] = list(p.playing)
+    if p.signature:
+        d["sig"] = p.signature.hex()
     return _dump(d)
 
 
@@ -269,7 +278,7 @@ def decode_presence(terminal: str, payload: bytes) -> TerminalPresence:
         p = _PresenceWire.model_validate(_load(payload))
     except ValidationError as e:
         raise CodecError(_first_error(e)) from None
-    return TerminalPresence(terminal, p.state, p.session, p.heartbeat, p.playing)
+    return TerminalPresence(terminal, p.state, p.session, p.heartbeat, p.playing, bytes.fromhex(p.sig))
 
 
 def _first_error(e: ValidationError) -> str:
