@@ -41,7 +41,7 @@ from ebcd.journal.worker import Synchronous as Synchronous
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_MAX_QUEUE_OPS: Final = 50_000
 BUSY_TIMEOUT_MS: Final = 5000
 THREAD_NAME: Final = "ebcd-journal"
@@ -67,13 +67,43 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """CREATE TABLE audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, actor TEXT NOT NULL,
         action TEXT NOT NULL, detail TEXT NOT NULL)""",
     ),
+    (  # 2: the whole state of a delivery, so that a rebuild gives back the same core
+        "ALTER TABLE deliveries ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE deliveries ADD COLUMN progress TEXT",
+        "ALTER TABLE deliveries ADD COLUMN acked INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN finished INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN resume INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN retry INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN budget_base INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE deliveries ADD COLUMN left_area INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 _INSERT_TRANSITION: Final = (
-    "INSERT INTO transitions (alert_id, terminal, state, detail, at, attempt) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO transitions (alert_id, terminal, state, detail, at, attempt)"
+    " VALUES (:alert_id, :terminal, :state, :detail, :at, :attempt)"
 )
-_UPSERT_DELIVERY: Final = """INSERT INTO deliveries (alert_id, terminal, state, detail, at, attempts)
-    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id, terminal) DO UPDATE SET state = excluded.state,
-    detail = excluded.detail, at = excluded.at, attempts = deliveries.attempts + excluded.attempts"""
+# A full row (`full` = 1, from the delivery core) replaces the delivery's state; a bare transition
+# (`full` = 0) sets state and detail and adds its attempt.
+_UPSERT_DELIVERY: Final = """INSERT INTO deliveries (alert_id, terminal, state, detail, at, attempts,
+    revision, progress, acked, finished, resume, retry, budget_base, left_area)
+    VALUES (:alert_id, :terminal, :state, :detail, :at, CASE WHEN :full THEN :attempts ELSE :attempt END,
+    :revision, :progress, :acked, :finished,
+    :resume, :retry, :budget_base, :left_area)
+    ON CONFLICT (alert_id, terminal) DO UPDATE SET state = excluded.state, detail = excluded.detail,
+    at = excluded.at,
+    attempts = CASE WHEN :full THEN :attempts ELSE deliveries.attempts + excluded.attempts END,
+    revision = CASE WHEN :full THEN excluded.revision ELSE deliveries.revision END,
+    progress = CASE WHEN :full THEN excluded.progress ELSE deliveries.progress END,
+    acked = CASE WHEN :full THEN excluded.acked ELSE deliveries.acked END,
+    finished = CASE WHEN :full THEN excluded.finished ELSE deliveries.finished END,
+    resume = CASE WHEN :full THEN excluded.resume ELSE deliveries.resume END,
+    retry = CASE WHEN :full THEN excluded.retry ELSE deliveries.retry END,
+    budget_base = CASE WHEN :full THEN excluded.budget_base ELSE deliveries.budget_base END,
+    left_area = CASE WHEN :full THEN excluded.left_area ELSE deliveries.left_area END"""
+_DELIVERY_COLUMNS: Final = (
+    "terminal, state, detail, at, attempts, revision, progress, acked, finished, resume, retry, budget_base,"
+    " left_area"
+)
 
 
 class JournalError(Exception):
@@ -87,6 +117,14 @@ class Delivery(NamedTuple):
     detail: str | None
     at: float
     attempts: int
+    revision: int = 1
+    progress: str | None = None
+    acked: bool = False
+    finished: bool = False
+    resume: bool = False
+    retry: bool = False
+    budget_base: int = 0
+    left: bool = False
 
 
 class Transition(NamedTuple):
@@ -128,6 +166,62 @@ class ActiveAlert:
     alert_id: str
     doc: dict[str, Any]
     deliveries: dict[str, Delivery]
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What one `Journal.prune` removed: rows by kind, and an estimate of the bytes it freed."""
+
+    payloads: int = 0  # received messages whose raw payload was cleared (their rows stay)
+    alerts: int = 0
+    deliveries: int = 0
+    transitions: int = 0
+    dedupe: int = 0
+    # the payload bytes cleared, the deleted alerts' documents and the text of their deliveries and
+    # transitions; SQLite keeps the pages for new rows (the file stops growing, it shrinks only by VACUUM)
+    bytes_freed: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows pruned, of every kind (a cleared payload counts as one)."""
+        return self.payloads + self.alerts + self.deliveries + self.transitions + self.dedupe
+
+
+PRUNE_BATCH_ROWS: Final = 1000  # received messages cleared per transaction
+PRUNE_BATCH_ALERTS: Final = 20  # alerts deleted per transaction, each with up to a district of deliveries
+# The alerts retention deletes next: final and unchanged since ?1 (oldest first, ?2 at a time).
+_DOOMED: Final = (
+    "SELECT alert_id FROM alerts WHERE final = 1 AND updated_at < ?1 ORDER BY updated_at, alert_id LIMIT ?2"
+)
+_ROW_BYTES: Final = "length(terminal) + length(state) + coalesce(length(detail), 0) + 8"  # about
+_DOOMED_DOCS: Final = f"SELECT alert_id, length(doc) FROM alerts WHERE alert_id IN ({_DOOMED})"  # noqa: S608
+_DOOMED_ROWS: Final = (  # (table, alert id, rows, bytes about) of the doomed alerts
+    f"SELECT 'deliveries', alert_id, count(*), sum({_ROW_BYTES}) FROM deliveries"  # noqa: S608 -- constants
+    f" WHERE alert_id IN ({_DOOMED}) GROUP BY alert_id UNION ALL"
+    f" SELECT 'transitions', alert_id, count(*), sum({_ROW_BYTES}) FROM transitions"
+    f" WHERE alert_id IN ({_DOOMED}) GROUP BY alert_id"
+)
+_IN_IDS: Final = "alert_id IN (SELECT value FROM json_each(?))"  # ? = a JSON array of alert ids
+_DELETE_ALERTS: Final = f"DELETE FROM alerts WHERE {_IN_IDS} AND final = 1 AND updated_at < ?"  # noqa: S608
+_DELETE_ORPHANS: Final = tuple(  # the rows of those alerts of the list that are gone
+    f"DELETE FROM {table} WHERE {_IN_IDS}"  # noqa: S608 -- constants
+    f" AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.alert_id = {table}.alert_id)"
+    for table in ("deliveries", "transitions")
+)
+
+
+_BARE: Final[dict[str, Any]] = {
+    "full": 0, "attempts": 0, "revision": 1, "progress": None, "acked": 0, "finished": 0, "resume": 0,
+    "retry": 0, "budget_base": 0, "left_area": 0,
+}  # fmt: skip
+
+
+def _delivery(row: list[Any]) -> Delivery:
+    state, detail, at, attempts, revision, progress, acked, finished, resume, retry, budget_base, left = row
+    return Delivery(
+        state, detail, at, attempts, revision, progress, bool(acked), bool(finished), bool(resume),
+        bool(retry), budget_base, bool(left),
+    )  # fmt: skip
 
 
 def _encode(value: Any) -> str:
@@ -265,7 +359,14 @@ class Journal:
         attempt: bool = False,
     ) -> None:
         """Queue a delivery transition without blocking; `await flush()` to know it is durable."""
-        self._worker.append((alert_id, terminal, state, detail, at, int(attempt)))
+        self._worker.append(
+            {**_BARE, "alert_id": alert_id, "terminal": terminal, "state": state, "detail": detail, "at": at,
+             "attempt": int(attempt)}
+        )  # fmt: skip
+
+    def record_delivery(self, row: dict[str, Any]) -> None:
+        """Queue the whole state of a delivery (the keys of `delivery_row`) without blocking."""
+        self._worker.append(row)
 
     async def flush(self) -> None:
         """Return when everything queued before it is durable; JournalError if a transition was lost."""
@@ -278,14 +379,14 @@ class Journal:
         alerts, rows = await self._worker.read(
             ("SELECT alert_id, doc FROM alerts WHERE final = 0 ORDER BY created_at", ()),
             (
-                "SELECT d.alert_id, terminal, state, detail, at, attempts FROM deliveries d"
+                f"SELECT d.alert_id, {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 -- constant columns
                 " JOIN alerts a USING (alert_id) WHERE a.final = 0",
                 (),
             ),
         )
         by_alert: dict[str, dict[str, Delivery]] = {alert_id: {} for alert_id, _ in alerts}
         for alert_id, terminal, *rest in rows:
-            by_alert[alert_id][terminal] = Delivery(*rest)
+            by_alert[alert_id][terminal] = _delivery(rest)
         return [ActiveAlert(a, _decode(doc), by_alert[a]) for a, doc in alerts]
 
     async def get_alert(self, alert_id: str) -> dict[str, Any] | None:
@@ -302,9 +403,9 @@ class Journal:
 
     async def deliveries(self, alert_id: str) -> dict[str, Delivery]:
         """The latest state of each delivery of an alert, by terminal."""
-        sql = "SELECT terminal, state, detail, at, attempts FROM deliveries WHERE alert_id = ?"
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE alert_id = ?"  # noqa: S608 -- constant columns
         (rows,) = await self._worker.read((sql, (alert_id,)))
-        return {terminal: Delivery(*rest) for terminal, *rest in rows}
+        return {terminal: _delivery(rest) for terminal, *rest in rows}
 
     async def history(self, alert_id: str) -> list[Transition]:
         """The transition log of an alert, in the order it was recorded."""
@@ -327,6 +428,20 @@ class Journal:
         (rows,) = await self._worker.read((sql, (limit,)))
         return [Received(*row) for row in rows]
 
+    async def dedupe_claims(self) -> list[tuple[str, str, str, float]]:
+        """Every (sender, identifier) claim: (sender, identifier, alert id, when claimed)."""
+        (rows,) = await self._worker.read(("SELECT sender, identifier, alert_id, at FROM dedupe", ()))
+        return [(str(s), str(i), str(a), float(at)) for s, i, a, at in rows]
+
+    async def unjudged(self, limit: int = 100_000) -> list[Received]:
+        """Raw inbound messages journalled but never judged (a crash came first), oldest first."""
+        sql = (
+            "SELECT id, topic, payload, source, received_at, outcome, detail, alert_id FROM received"
+            " WHERE outcome IS NULL ORDER BY id LIMIT ?"
+        )
+        (rows,) = await self._worker.read((sql, (limit,)))
+        return [Received(*row) for row in rows]
+
     async def list_audit(self, limit: int = 100) -> list[AuditEntry]:
         """The most recent audit entries, newest first."""
         (rows,) = await self._worker.read(
@@ -338,6 +453,97 @@ class Journal:
         """SQLite's integrity check: ["ok"] when the database is sound."""
         (rows,) = await self._worker.read(("PRAGMA integrity_check", ()))
         return [str(msg) for (msg,) in rows]
+
+    # ---- retention (ebcd.journal.retention) ----------------------------------------------
+
+    async def prune(self, raw_before: float, alerts_before: float | None) -> PruneResult:
+        """Clear the raw payloads of messages judged and received before `raw_before`; with
+        `alerts_before`, delete the final alerts unchanged since before it, with their deliveries,
+        transitions and the dedupe claims on them. Never touches an unjudged message or an alert
+        that is not final. In short transactions, so the daemon's writes go on in between.
+
+        A received message keeps its row, with the payload cleared (a zero-length blob; the column
+        is NOT NULL): topic, source, time, verdict, detail and alert id are the history of what came
+        in and what was decided about it, a few dozen bytes each, while the payloads (a CAP
+        document is kilobytes: 13 MB of them were seen) are what grows. The bytes are gone, so
+        nothing can be judged again from them; only an unjudged message is re-judged after a
+        crash, and those are never cleared. A dedupe claim goes once its alert is gone and it is
+        older than `alerts_before`: a message repeated after that long is accepted again.
+        """
+        if not self.enabled:
+            return PruneResult()
+        payloads, payload_bytes = await self._prune_payloads(raw_before)
+        if alerts_before is None:
+            return PruneResult(payloads=payloads, bytes_freed=payload_bytes)
+        alerts, deliveries, transitions, alert_bytes = await self._prune_alerts(alerts_before)
+        # claims whose alert is gone: those of the alerts deleted now, or by a pass that ended early
+        _, dedupe = await self._worker.write(
+            (
+                "DELETE FROM dedupe WHERE at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.alert_id = dedupe.alert_id)",
+                (alerts_before,),
+            )
+        )
+        return PruneResult(
+            payloads, alerts, deliveries, transitions, dedupe, bytes_freed=payload_bytes + alert_bytes
+        )
+
+    async def _prune_payloads(self, before: float) -> tuple[int, int]:
+        """Clear judged payloads received before `before`: (messages, bytes)."""
+        cleared = freed = last_id = 0
+        while True:
+            (rows,) = await self._worker.read(
+                (
+                    "SELECT id, length(payload) FROM received WHERE id > ? AND received_at < ?"
+                    " AND outcome IS NOT NULL AND length(payload) > 0 ORDER BY id LIMIT ?",
+                    (last_id, before, PRUNE_BATCH_ROWS),
+                )
+            )
+            if not rows:
+                return cleared, freed
+            ids = [row_id for row_id, _ in rows]
+            _, changed = await self._worker.write(
+                (  # the verdict checked again in the write: only what is judged loses its bytes
+                    "UPDATE received SET payload = x'' WHERE id IN (SELECT value FROM json_each(?))"
+                    " AND received_at < ? AND outcome IS NOT NULL",
+                    (json.dumps(ids), before),
+                )
+            )
+            cleared += changed
+            freed += sum(size for _, size in rows)  # a verdict, once given, is never taken back
+            last_id = ids[-1]
+            if len(rows) < PRUNE_BATCH_ROWS:
+                return cleared, freed
+
+    async def _prune_alerts(self, before: float) -> tuple[int, int, int, int]:
+        """Delete final alerts unchanged since `before`: (alerts, deliveries, transitions, bytes)."""
+        alerts = deliveries = transitions = freed = 0
+        while True:
+            docs, rows = await self._worker.read(  # one snapshot
+                (_DOOMED_DOCS, (before, PRUNE_BATCH_ALERTS)), (_DOOMED_ROWS, (before, PRUNE_BATCH_ALERTS))
+            )
+            if not docs:
+                return alerts, deliveries, transitions, freed
+            ids = json.dumps([alert_id for alert_id, _ in docs])
+            _, deleted = await self._worker.write(  # one transaction: an alert goes with all its rows
+                (_DELETE_ALERTS, (ids, before)), *((sql, (ids,)) for sql in _DELETE_ORPHANS)
+            )
+            if not deleted:
+                return alerts, deliveries, transitions, freed  # they all changed meanwhile
+            gone: dict[str, int] = dict(docs)
+            if deleted < len(docs):  # some changed between the count and the delete: they stay
+                (kept,) = await self._worker.read((f"SELECT alert_id FROM alerts WHERE {_IN_IDS}", (ids,)))  # noqa: S608
+                for (alert_id,) in kept:
+                    del gone[alert_id]
+            alerts += deleted
+            freed += sum(gone.values())
+            for table, alert_id, count, size in rows:
+                if alert_id in gone:
+                    freed += size or 0
+                    if table == "deliveries":
+                        deliveries += count
+                    else:
+                        transitions += count
 
     async def close(self) -> None:
         """Make everything queued durable, checkpoint the WAL and close; idempotent."""

@@ -63,7 +63,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -79,6 +79,7 @@ JOURNAL_SIZE_LIMIT_BYTES: Final = 64 * 1024 * 1024
 Synchronous = Literal["FULL", "NORMAL"]
 OnCommit = Callable[[float, int], None]
 Statement = tuple[str, tuple[Any, ...]]
+Row = Mapping[str, Any]  # one row for the append statements (named parameters)
 Setup = Callable[[sqlite3.Connection], None]
 
 # Errors that one op causes (a constraint, a value SQLite cannot bind); others fail the whole batch.
@@ -114,7 +115,7 @@ class _Kind(enum.Enum):
 @dataclass(slots=True)
 class _Op:
     kind: _Kind
-    args: tuple[Any, ...] = ()  # statements for WRITE and READ, the row for APPEND
+    args: Any = ()  # statements for WRITE and READ, the row for APPEND
     future: asyncio.Future[Any] | None = None
 
 
@@ -193,7 +194,7 @@ class StoreWorker:
         result: list[list[Any]] = await self._submit(_Op(_Kind.READ, queries))
         return result
 
-    def append(self, row: tuple[Any, ...]) -> None:
+    def append(self, row: Row) -> None:
         """Queue a row for the append statements without blocking; `await flush()` to know it is durable."""
         self._check_open()
         self._queue.put(_Op(_Kind.APPEND, row))
@@ -342,7 +343,7 @@ class StoreWorker:
         started, changes = time.perf_counter(), conn.total_changes
         conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         outcomes: list[_Outcome] = []
-        rows: list[tuple[Any, ...]] = []
+        rows: list[Row] = []
         for op in ops:
             if op.kind is _Kind.APPEND:
                 rows.append(op.args)  # written together with the next non-append op
@@ -366,7 +367,7 @@ class StoreWorker:
                 self._log.warning("journal.slow_commit", latency_s=latency_s, ops=len(ops))
         return outcomes
 
-    def _write_appended(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    def _write_appended(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
         if rows:
             for statement in self._append_statements:
                 conn.executemany(statement, rows)
@@ -393,7 +394,7 @@ class NullWorker(StoreWorker):
         super().__init__(path, **config)
         self._ids = itertools.count(1)
 
-    def append(self, row: tuple[Any, ...]) -> None:
+    def append(self, row: Row) -> None:
         """Keep nothing."""
         self._check_open()
 
