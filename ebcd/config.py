@@ -88,6 +88,8 @@ class DeliveryConfig(_Strict):
     retry_jitter: float = Field(default=0.2, ge=0, le=1)
     default_ttl_s: float = Field(default=3600.0, gt=0)
     state_publish_interval_s: float = Field(default=0.25, gt=0)
+    # an acknowledged broadcast that never reports `done` holds its terminal at most this long
+    max_play_s: float = Field(default=600.0, gt=0)
 
 
 class SerialConfig(_Strict):
@@ -100,6 +102,8 @@ class SerialConfig(_Strict):
     inter_frame_gap_s: float = Field(default=0.005, ge=0)
     echo_suppression: bool = False  # 2-wire RS-485 adapters hear their own transmission
     poll_interval_s: float = Field(default=30.0, gt=0)
+    # a result in progress is queried again when the terminal said its play ends, else this often
+    busy_poll_s: float = Field(default=2.0, gt=0)
 
 
 class ReviewConfig(_Strict):
@@ -132,6 +136,10 @@ class SecurityConfig(_Strict):
     private_key: str = "bench"  # ebcd's signing key file (0600), or "bench": the published test-bench key
     public_key: str = "bench"  # what terminals (and the simulators) verify with
     replay_window_s: float = Field(default=300.0, gt=0)  # terminals refuse commands older than this
+    # Terminals' public keys, one `<23-digit code>.pub` each (ebcd.security.reports; relative to the
+    # config file's directory): reports and presence must then be signed by their terminal, and
+    # within replay_window_s. None: nothing is checked, and the broker's ACL is the only defence.
+    terminal_keys_dir: str | None = None
 
 
 class UpstreamSender(_Strict):
@@ -149,6 +157,8 @@ class UpstreamConfig(_Strict):
     """Upstream authority: with senders listed, an unlisted sender's alert is refused."""
 
     senders: list[UpstreamSender] = Field(default_factory=list)
+    # a message with neither sender nor identifier is a duplicate of the same bytes within this long
+    digest_window_s: float = Field(default=86_400.0, gt=0)
 
 
 class OperatorConfig(_Strict):
@@ -168,6 +178,23 @@ class DaemonConfig(_Strict):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9469, ge=0, le=65535)
     socket_mode: int = 0o660
+    # The control socket's limits (ebcd.control.socket): a connection that sends no request, or
+    # reads no answer, for control_idle_timeout_s is closed; one more than control_max_connections
+    # is answered `busy` and closed. The cap keeps the daemon's file descriptors for the broker,
+    # the journal and the serial ports: it must stay far below LimitNOFILE (systemd/ebcd.service).
+    control_idle_timeout_s: float = Field(default=10.0, gt=0)
+    control_max_connections: int = Field(default=64, ge=1, le=1024)
+
+
+class JournalConfig(_Strict):
+    """What the journal keeps and for how long (`ebcd.journal.retention`)."""
+
+    # raw upstream payloads already judged are cleared after this; the row and its verdict stay
+    raw_retention_days: float = Field(default=30.0, gt=0)
+    # ended (final) alerts are deleted with their deliveries, transitions and dedupe claims after
+    # this many days since their last change; None: kept forever
+    alert_retention_days: float | None = Field(default=None, gt=0)
+    retention_interval_s: float = Field(default=3600.0, gt=0)  # between two pruning passes
 
 
 class SimulatorConfig(_Strict):
@@ -185,6 +212,14 @@ class SimulatorConfig(_Strict):
     # for a broker that requires one; the CA to trust is [mqtt] ca_file.
     cert_file: str | None = None
     key_file: str | None = None
+    # Where `ebcd simulate` puts the serial buses' pty links, for ports named `{run_dir}/...` in
+    # rooms.csv (`ebcd run` reads it too, to find them); relative to the config file's directory.
+    # --run-dir overrides it; unset: <temp dir>/ebcd-sim-<hash of the config path and the broker>.
+    run_dir: str | None = None
+    # The simulated terminals' private keys, one `<code>.key` each (`ebcd keys generate-terminals`
+    # writes them to <out>/private); relative to the config file's directory. A terminal with a
+    # key signs its reports and presence; None: none signs.
+    terminal_keys_dir: str | None = None
 
 
 class Config(_Strict):
@@ -202,6 +237,7 @@ class Config(_Strict):
     operators: list[OperatorConfig] = Field(default_factory=list)  # [[operators]] tables
     test_broadcast: list[TestBroadcastConfig] = Field(default_factory=list)  # [[test_broadcast]] tables
     daemon: DaemonConfig = DaemonConfig()
+    journal: JournalConfig = JournalConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     base_dir: Path = Path()
 

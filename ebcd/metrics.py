@@ -55,6 +55,14 @@ class Metrics:
         self.unexpected = Counter(
             "ebcd_unexpected_messages", "Terminal messages that matched nothing", ["kind"], registry=r
         )
+        self.journal_failures = Counter(
+            "ebcd_journal_failures",
+            "Writes the journal could not make durable, by what was being written",
+            ["what"],
+            registry=r,
+        )
+        for what in ("received", "verdict", "alert", "delivery", "audit", "transaction"):
+            self.journal_failures.labels(what)  # a series from the start, for rules and dashboards
         self.journal_latency = Histogram(
             "ebcd_journal_commit_seconds",
             "Journal transaction latency",
@@ -67,9 +75,30 @@ class Metrics:
             registry=r,
         )
         self.serial_link = Gauge("ebcd_serial_links_up", "Serial ports open", registry=r)
+        self.control_connections = Gauge(
+            "ebcd_control_connections", "Connections open on the control socket", registry=r
+        )
+        self.control_refused = Counter(
+            "ebcd_control_refused",
+            "Control socket connections turned away or cut off: busy (at control_max_connections), "
+            "too_large (a request line over the limit), idle (no request within "
+            "control_idle_timeout_s), stalled (answers left unread as long)",
+            ["reason"],
+            registry=r,
+        )
+        self.resource_errors = Counter(
+            "ebcd_resource_errors",
+            "Control socket accepts that failed, by errno: emfile, enfile, enobufs, enomem, other",
+            ["kind"],
+            registry=r,
+        )
         for outcome in ("acked", "refused", "uncertain", "expired", "cancelled"):
             self.deliveries.labels(outcome, "mqtt")
         self.dropped.labels("mqtt_outgoing")
         self.dropped.labels("ingest_queue")
         for state in ("unknown", "online", "offline"):
             self.terminals.labels(state)
+        for reason in ("busy", "too_large", "idle", "stalled"):
+            self.control_refused.labels(reason)
+        for kind in ("emfile", "enfile", "enobufs", "enomem"):
+            self.resource_errors.labels(kind)

@@ -69,14 +69,14 @@ def fast_config_file(directory: Path) -> Path:
     """The shipped config with short timers, written to `directory` with its ledgers.
 
     The serial rooms' ports move into `directory` too (where nothing listens), so this daemon never
-    opens the ptys of a serial simulator another test run may have at /tmp/ebcd-sim.
+    opens the ptys of a serial simulator another run may have in its run directory.
     """
     text = SHIPPED.read_text(encoding="utf-8")
     for key, value in FAST_TIMERS.items():
         text, n = re.subn(rf"(?m)^{key}\s*=\s*[^#\n]*", f"{key} = {value} ", text)
         assert n == 1, f"{key} not found once in {SHIPPED}"
     rooms = (SHIPPED.parent / "rooms.csv").read_text(encoding="utf-8")
-    rooms, n = re.subn(r",/tmp/ebcd-sim/", f",{directory}/no-serial/", rooms)
+    rooms, n = re.subn(r",\{run_dir\}/", f",{directory}/no-serial/", rooms)
     assert n == 19, "the shipped serial rooms moved: update this test"
     (directory / "rooms.csv").write_text(rooms, encoding="utf-8")
     shutil.copyfile(SHIPPED.parent / "terminals.csv", directory / "terminals.csv")
@@ -440,9 +440,9 @@ async def test_watch_ends_with_the_settled_state(
         async with contextlib.aclosing(answers):
             first = await anext(answers)
             assert (first["state"]["state"], first["more"]) == ("dispatching", True)
-            [queue] = daemon.engine._watchers[run.id]
+            [queue] = daemon.runner._watchers[run.id]
             queue.put_nowait(first["state"])  # the publisher's latest state: still dispatching
-            assert daemon.engine.cancel(run.id, "settled before the watcher ran") is run
+            assert await daemon.runner.cancel(run.id, "settled before the watcher ran") is run
             last = first
             async with asyncio.timeout(10):
                 async for answer in answers:

@@ -65,7 +65,7 @@ async def test_an_alert_to_a_serial_village_reaches_every_terminal_on_its_bus(
         running_daemon(config, district, mosquitto.url, tmp_path / "s") as d,
     ):
         run = await d.submit(_alert(village), source="test", actor="pytest")
-        state = await settle(d, run.id, timeout_s=30)
+        state = await settle(d, run.id, timeout_s=30, until="completed")
         assert state["state"] == "completed"
         assert state["acked"] == len(village.terminals)
         assert {code for code, t in sim.terminals.items() if t.plays} == {t.code for t in village.terminals}
@@ -110,7 +110,7 @@ async def test_ten_percent_corrupted_frames_still_reach_everyone(
             ttl_s=300,
         )
         run = await d.submit(request, source="test", actor="pytest")
-        state = await settle(d, run.id, timeout_s=60)
+        state = await settle(d, run.id, timeout_s=60, until="completed")
         assert state["state"] == "completed"
         assert state["acked"] == sum(len(v.terminals) for v in villages)
         counters = [d.serial_masters[v.code].counters for v in villages]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ebcd.config import Config
+from ebcd.delivery.core import Refused
 from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from simulators.mqtt_fleet import MqttFleet
@@ -53,15 +54,15 @@ async def _update_and_cancel(
         mqtt_client(mosquitto.host, mosquitto.port, f"{topics.prefix}/alerts/#") as (client, seen),
     ):
         await client.publish(topics.alerts_in, messages[0], qos=1)
-        await wait_for(lambda: len(daemon.engine.runs) == 1, 10)
-        run = next(iter(daemon.engine.runs.values()))
-        first = await settle(daemon, run.id)
+        await wait_for(lambda: len(daemon.runner.alerts) == 1, 10)
+        run = next(iter(daemon.runner.alerts.values()))
+        first = await settle(daemon, run.id, until="completed")
         assert (first["state"], first["targets"], first["revision"]) == ("completed", len(everyone), 1)
         assert _played(fleet, run.id, 1) == everyone
 
         await client.publish(topics.alerts_in, messages[1], qos=1)
         await wait_for(lambda: run.revision == 2, 10)
-        second = await settle(daemon, run.id)
+        second = await settle(daemon, run.id, until="completed")
         assert (second["state"], second["targets"], second["acked"]) == ("completed", len(kept), len(kept))
         assert second["text"] != first["text"]
         await wait_for(lambda: _stopped(fleet, run.id) == everyone - kept, 10)  # the right ones stop
@@ -70,7 +71,7 @@ async def _update_and_cancel(
         await client.publish(topics.alerts_in, messages[2], qos=1)
         await wait_for(lambda: run.state.value == "cancelled", 10)
         await wait_for(lambda: _stopped(fleet, run.id) == everyone, 10)  # all stop
-        daemon.engine.flush_states()
+        daemon.runner.flush_states()
         state_topic = topics.alert_state(run.id)
         await wait_for(lambda: any(d["state"] == "cancelled" for d in _states(seen, state_topic)), 10)
         published = _states(seen, state_topic)
@@ -160,18 +161,19 @@ async def test_manual_review_holds_an_alert_until_approved_and_reject_ends_it(
         await client.publish(
             topics.alerts_in, json.dumps({**alert, "level": 3, "identifier": "r3", "sender": "s"}), qos=1
         )
-        await wait_for(lambda: len(daemon.engine.runs) == 3, 10)
-        held, other, auto = sorted(daemon.engine.runs.values(), key=lambda r: r.request.identifier or "")
+        await wait_for(lambda: len(daemon.runner.alerts) == 3, 10)
+        held, other, auto = sorted(daemon.runner.alerts.values(), key=lambda r: r.request.identifier or "")
         assert held.state.value == other.state.value == "pending_approval"
-        await settle(daemon, auto.id)
+        await settle(daemon, auto.id, until="completed")
         assert auto.state.value == "completed"  # level 3 is not held
         assert not _played(fleet, held.id, 1)
 
-        daemon.engine.approve(held.id)
-        assert (await settle(daemon, held.id))["state"] == "completed"
+        await daemon.runner.approve(held.id)
+        assert (await settle(daemon, held.id, until="completed"))["state"] == "completed"
         assert _played(fleet, held.id, 1) == {t.code for t in village.terminals}
 
-        assert daemon.engine.cancel(other.id, "rejected in review", held.state.REJECTED) is not None
+        await daemon.runner.reject(other.id, "rejected in review")
         assert other.state.value == "rejected"
-        assert daemon.engine.approve(other.id) is None  # a rejected alert never goes out
+        with pytest.raises(Refused):  # a rejected alert never goes out
+            await daemon.runner.approve(other.id)
         assert not _played(fleet, other.id, 1)

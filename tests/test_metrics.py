@@ -153,7 +153,7 @@ async def scenario(mosquitto: Mosquitto, tmp_path: Path) -> AsyncIterator[Scrape
             }
         )
         by_cli = await daemon.submit(request, source="cli", actor="pytest")
-        first = await settle(daemon, by_cli.id)
+        first = await settle(daemon, by_cli.id, until="completed")
 
         upstream = {
             "identifier": "metrics-test-1",
@@ -164,9 +164,9 @@ async def scenario(mosquitto: Mosquitto, tmp_path: Path) -> AsyncIterator[Scrape
             "text": "暴雨橙色预警",
         }
         await client.publish(topics.alerts_in, json.dumps(upstream).encode(), qos=1)
-        await wait_for(lambda: len(daemon.engine.runs) == 2, 10)
-        by_mqtt = next(r for r in daemon.engine.runs.values() if r.id != by_cli.id)
-        second = await settle(daemon, by_mqtt.id)
+        await wait_for(lambda: len(daemon.runner.alerts) == 2, 10)
+        by_mqtt = next(r for r in daemon.runner.alerts.values() if r.id != by_cli.id)
+        second = await settle(daemon, by_mqtt.id, until="completed")
 
         await client.publish(topics.alerts_in, b'{"identifier": "broken", "level": 2,', qos=1)
         await wait_for(

@@ -75,7 +75,7 @@ async def test_response_topic_and_correlation_data_are_honoured(
                 topics.alerts_in, json.dumps(hijack), qos=1, properties=_request(elsewhere, b"req-3")
             )
             await wait_for(lambda: unexpected._value.get() == 1, 10)
-            await wait_for(lambda: len(daemon.engine.runs) == 2, 10)  # accepted, just not answered there
+            await wait_for(lambda: len(daemon.runner.alerts) == 2, 10)  # accepted, just not answered there
             await upstream.publish(topics.alerts_in, b"{}", qos=1, properties=_request(reply_to, b"fence"))
             await wait_for(lambda: len(replies) == 3, 10)
         finally:
@@ -83,7 +83,7 @@ async def test_response_topic_and_correlation_data_are_honoured(
         assert [topic for topic, _doc, _corr in replies] == [reply_to] * 3  # nothing elsewhere
         by_corr = {corr: (topic, doc) for topic, doc, corr in replies}
         accepted_topic, accepted = by_corr[b"req-1"]
-        run = next(r for r in daemon.engine.runs.values() if r.request.identifier == "CITY-2026-0042")
+        run = next(r for r in daemon.runner.alerts.values() if r.request.identifier == "CITY-2026-0042")
         assert accepted_topic == reply_to
         assert accepted["status"] == "accepted"
         assert (accepted["id"], accepted["identifier"]) == (run.id, "CITY-2026-0042")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ebcd.config import Config
-from ebcd.delivery import DState
+from ebcd.delivery.state import DState
 from ebcd.ingest import IngestError, Reason
 from ebcd.model.alert import AlertRequest, Origin, parse_target
 from ebcd.tiers.district import District
@@ -54,7 +54,7 @@ async def test_a_district_emergency_preempts_a_village_broadcast_which_resumes_a
         running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port) as fleet,
     ):
         daily = await daemon.submit(_daily(village.code), source="cli", actor="village keeper")
-        assert (await settle(daemon, daily.id))["state"] == "completed"
+        assert (await settle(daemon, daily.id, until="completed"))["state"] == "completed"
 
         emergency = await daemon.submit(
             _emergency(f"town:{village.town}"), source="cli", actor="duty officer"
@@ -62,18 +62,22 @@ async def test_a_district_emergency_preempts_a_village_broadcast_which_resumes_a
         await wait_for(lambda: all(daily.deliveries[c].state is DState.PREEMPTED for c in codes), 10)
         assert all(daily.deliveries[c].cause == f"pre-empted by alert {emergency.id}" for c in codes)
         await wait_for(lambda: all(emergency.deliveries[c].state is DState.ACKNOWLEDGED for c in codes), 10)
-        daemon.engine.flush_states()
-        assert daily.state_doc(district, 0)["pending"] == len(codes)  # waiting to play again
+        daemon.runner.flush_states()
+        doc = daily.state_doc(district, 0)  # a pre-emption takes nothing from what was reached
+        assert (doc["state"], doc["acked"], doc["pending"]) == ("completed", len(codes), 0)
+        assert all(daily.deliveries[c].resume for c in codes)  # to play again when the terminal is free
         assert all(s.behaviour.current == (emergency.id, 1) for s in fleet.terminals)
 
-        daemon.engine.cancel(emergency.id, "the storm passed")
-        assert (await settle(daemon, daily.id))["state"] == "completed"
-        assert all(daily.deliveries[c].state is DState.ACKNOWLEDGED for c in codes)
+        await daemon.runner.cancel(emergency.id, "the storm passed")
+        await wait_for(lambda: all(daily.deliveries[c].state is DState.ACKNOWLEDGED for c in codes), 10)
+        assert daily.state.value == "completed"  # it never stopped counting as reached
         assert all(s.behaviour.current == (daily.id, 1) for s in fleet.terminals)  # playing it again
         assert all(s.behaviour.resumes[(daily.id, 1)] == 1 for s in fleet.terminals)
-        history = [state for _t, state, _why in daily.deliveries[village.terminals[0].code].history]
-        changes = [s for i, s in enumerate(history) if i == 0 or history[i - 1] is not s]  # progress repeats
-        assert changes[-4:] == [DState.PREEMPTED, DState.PENDING, DState.SENT, DState.ACKNOWLEDGED]
+        await daemon.journal.flush()
+        first = village.terminals[0].code
+        history = [t.state for t in await daemon.journal.history(daily.id) if t.terminal == first]
+        changes = [s for i, s in enumerate(history) if i == 0 or history[i - 1] != s]  # progress repeats
+        assert changes[-3:] == [DState.PREEMPTED, DState.SENT, DState.ACKNOWLEDGED]
 
 
 async def test_a_lower_priority_alert_waits_and_policy_end_does_not_resume(
@@ -84,31 +88,37 @@ async def test_a_lower_priority_alert_waits_and_policy_end_does_not_resume(
     codes = {t.code for t in village.terminals}
     async with (
         running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
-        running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port),
+        running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port) as fleet,
     ):
         emergency = await daemon.submit(
             _emergency(f"village:{village.code}"), source="cli", actor="duty officer"
         )
-        assert (await settle(daemon, emergency.id))["state"] == "completed"
+        assert (await settle(daemon, emergency.id, until="completed"))["state"] == "completed"
         daily = await daemon.submit(_daily(village.code), source="cli", actor="village keeper")
         await wait_for(
             lambda: all((daily.deliveries[c].cause or "").startswith("waiting") for c in codes), 10
         )
         assert all(
-            daily.deliveries[c].state is DState.PENDING for c in codes
+            daily.deliveries[c].state is DState.WAITING and daily.deliveries[c].attempts == 0 for c in codes
         )  # never sent over the emergency
 
-        daemon.engine.cancel(emergency.id, "over")
-        assert (await settle(daemon, daily.id))["state"] == "completed"  # the waiting one goes out now
+        await daemon.runner.cancel(emergency.id, "over")
+        assert (await settle(daemon, daily.id, until="completed"))[
+            "state"
+        ] == "completed"  # the waiting one goes out now
 
         second = await daemon.submit(
             _emergency(f"village:{village.code}"), source="cli", actor="duty officer"
         )
-        await settle(daemon, second.id)
+        await settle(daemon, second.id, until="completed")
         await wait_for(lambda: all(daily.deliveries[c].state is DState.CANCELLED for c in codes), 10)
         assert all((daily.deliveries[c].cause or "").startswith("ended: pre-empted") for c in codes)
-        daemon.engine.cancel(second.id, "over")
-        assert (await settle(daemon, daily.id))["state"] == "partial"  # not resumed under policy end
+        await daemon.runner.cancel(second.id, "over")
+        assert (await settle(daemon, daily.id, until="completed"))[
+            "state"
+        ] == "completed"  # what it reached stays reached
+        assert all(s.behaviour.resumes[(daily.id, 1)] == 0 for s in fleet.terminals)  # policy end: no resume
+        assert all(daily.deliveries[c].finished for c in codes)
 
 
 async def test_a_room_broadcasts_to_its_own_area_only(
@@ -123,4 +133,4 @@ async def test_a_room_broadcasts_to_its_own_area_only(
             await daemon.submit(request, source="cli", actor="village keeper")
         assert refused.value.reason is Reason.NOT_ALLOWED
         assert "own area only" in refused.value.detail
-        assert not daemon.engine.runs
+        assert not daemon.runner.alerts

@@ -172,7 +172,7 @@ async def test_flapping_terminals_end_with_exact_coverage(
             await asyncio.sleep(1.7)
         for run in runs:
             await wait_for(lambda run=run: run.state.value == "completed", 90)
-            state = run.state_doc(district, daemon.engine.clock())
+            state = run.state_doc(district, daemon.runner.clock())
             assert (state["acked"], state["targets"], state["coverage"]) == (769, 769, 1.0)
             assert sum(t["acked"] for t in state["towns"].values()) == 769
         plays = fleet.plays()
@@ -214,7 +214,7 @@ async def test_a_stale_last_will_does_not_mark_a_live_terminal_offline(
         running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
         mqtt_client(mosquitto.host, mosquitto.port) as (client, _seen),
     ):
-        live = daemon.engine.liveness[terminal.code]
+        live = daemon.core.liveness.terminals[terminal.code]
         assert live.state == "unknown"  # nothing is online before it says so
         await client.publish(topic, presence(Liveness.ONLINE, 7), qos=1)
         await wait_for(lambda: live.state == "online" and live.session == 7, 5)

@@ -375,13 +375,13 @@ async def test_a_missed_weekly_test_is_reported_with_the_exact_terminals_that_mi
         running_fleet(config, district, village.terminals[:-2], mosquitto.host, mosquitto.port),
     ):
         await asyncio.sleep(1.5)
-        assert not daemon.engine.runs  # not due yet
+        assert not daemon.runner.alerts  # not due yet
         clock["now"] = datetime(2026, 11, 30, 10, 0, 1, tzinfo=cst)
         await wait_for(lambda: len(daemon.scheduler.outcomes) == 1, 20)
         outcome = next(iter(daemon.scheduler.outcomes.values()))
         assert outcome.missed == tuple(sorted(t.code for t in silent))
         assert outcome.acked == len(village.terminals) - 2
-        run = daemon.engine.runs[outcome.alert_id]
+        run = daemon.runner.alerts[outcome.alert_id]
         assert run.request.test
         assert run.request.volume == 0
         assert run.source == "schedule"
@@ -390,4 +390,4 @@ async def test_a_missed_weekly_test_is_reported_with_the_exact_terminals_that_mi
         assert report["test"]["missed"] == list(outcome.missed)
         clock["now"] = datetime(2026, 11, 30, 10, 30, tzinfo=cst)
         await asyncio.sleep(1.5)
-        assert len(daemon.engine.runs) == 1  # once per slot
+        assert len(daemon.runner.alerts) == 1  # once per slot

@@ -2,13 +2,14 @@
 
 Parses upstream JSON alerts and CAP 1.2 documents, refuses duplicates, resolves the targets to
 terminals, checks them against the asker's scope and an originating room's area, numbers the
-alert, journals it durably and hands it to the engine; an update or cancel is applied to the alert
+alert, journals it durably and hands it to the delivery runner; an update or cancel is applied to the alert
 it references. The dedupe map and the per-day sequence counters live here and are rebuilt from
 the journal on recovery.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -17,9 +18,10 @@ from typing import Any
 import structlog
 
 from ebcd.admission.authority import DISTRICT_WIDE, Scope, UpstreamAuthority
-from ebcd.alert_run import AlertRun
 from ebcd.config import Config
-from ebcd.engine import Engine
+from ebcd.delivery.alerts import Alert
+from ebcd.delivery.core import AlertSpec, Refused
+from ebcd.delivery.runner import Runner
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.cap import parse_cap
 from ebcd.ingest.json_alert import parse_json_alert
@@ -41,19 +43,19 @@ class Admission:
         *,
         config: Config,
         district: District,
-        engine: Engine,
+        runner: Runner,
         upstream: UpstreamAuthority,
         metrics: Metrics,
         journal: Callable[[], Journal],
     ) -> None:
         self.config = config
         self.district = district
-        self.engine = engine
+        self.runner = runner
         self.upstream = upstream
         self.metrics = metrics
         self._journal = journal
         self._seq: dict[str, int] = {}  # per day (YYYYMMDD): the last alert number given out
-        self._dedupe: dict[tuple[str, str], str] = {}  # (sender, identifier) -> alert id
+        self._dedupe: dict[tuple[str, str], tuple[str, float]] = {}  # key -> (alert id, when claimed)
 
     def remember(self, alerts: Iterable[dict[str, Any]]) -> None:
         """Rebuild the per-day sequence counters and the dedupe map from journalled alert docs."""
@@ -62,8 +64,22 @@ class Admission:
             if seq.isdigit():
                 self._seq[day] = max(self._seq.get(day, 0), int(seq))
             req = alert.get("request", {})
-            if req.get("sender") and req.get("identifier"):
-                self._dedupe.setdefault((req["sender"], req["identifier"]), alert["id"])
+            if req.get("identifier"):
+                self._dedupe.setdefault((req.get("sender") or "", req["identifier"]), (alert["id"], 0.0))
+
+    def remember_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> None:
+        """Take back the journal's de-duplication claims (sender, identifier, alert id, when)."""
+        for sender, identifier, alert_id, at in claims:
+            self._dedupe.setdefault((sender, identifier), (alert_id, at))
+
+    def _seen(self, key: tuple[str, str] | None) -> str | None:
+        """The alert id a key was claimed for, if it still counts (digests only within their window)."""
+        if key is None or key not in self._dedupe:
+            return None
+        alert_id, at = self._dedupe[key]
+        if key[0] == DIGEST and time.time() - at > self.config.upstream.digest_window_s:
+            return None
+        return alert_id
 
     def parse_upstream(self, payload: bytes) -> AlertRequest:
         """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError. The sender is vouched
@@ -83,17 +99,23 @@ class Admission:
         return cap.request.model_copy(update={"references": refs, "sender": cap.sender})
 
     async def submit(
-        self, request: AlertRequest, *, source: str, actor: str, scope: Scope = DISTRICT_WIDE
-    ) -> AlertRun:
+        self,
+        request: AlertRequest,
+        *,
+        source: str,
+        actor: str,
+        scope: Scope = DISTRICT_WIDE,
+        payload: bytes | None = None,
+    ) -> Alert:
         """Accept an alert (or an update or cancel of one) durably, or raise IngestError.
 
         `scope` is what the asking sender or operator may address; the alert's terminals (and,
-        for an update or cancel, those of the alert it changes) must all lie within it."""
-        key = (request.sender, request.identifier) if request.sender and request.identifier else None
-        if key and key in self._dedupe:
-            raise IngestError(
-                Reason.DUPLICATE, f"already accepted as alert {self._dedupe[key]}", request.identifier
-            )
+        for an update or cancel, those of the alert it changes) must all lie within it. An
+        upstream message is de-duplicated on (sender, identifier), on its identifier alone when it
+        names no sender, and on the digest of its `payload` when it names neither."""
+        key = dedupe_key(request, payload)
+        if (seen := self._seen(key)) is not None:
+            raise IngestError(Reason.DUPLICATE, f"already accepted as alert {seen}", request.identifier)
         if request.msg_type is MsgType.CANCEL:
             run = await self._cancel_referenced(request, actor, scope, source)
         elif request.msg_type is MsgType.UPDATE:
@@ -101,7 +123,7 @@ class Admission:
         else:
             return await self._accept(request, source=source, actor=actor, key=key, scope=scope)
         if key:  # an update or cancel is itself a message that must not be applied twice
-            self._dedupe[key] = run.id
+            self._dedupe[key] = (run.id, time.time())
             await self._save(run, key)
         return run
 
@@ -113,23 +135,21 @@ class Admission:
         actor: str,
         key: tuple[str, str] | None,
         scope: Scope,
-    ) -> AlertRun:
+    ) -> Alert:
         terminals = self._resolve(request)
         scope.check(terminals, request.identifier, "alert")
         self._check_origin(request, terminals)
         alert_id, ebmid = self._next_id()
         hold = self.config.review.holds(request.level, request.sender, source)
-        run = self.engine.accept(
-            request, terminals, alert_id=alert_id, ebmid=ebmid, hold=True, accepted_at=time.time()
-        )
-        run.source, run.actor = source, actor
+        spec = AlertSpec(alert_id, ebmid, request, accepted_at=time.time(), source=source, actor=actor)
         try:
-            await self._save(run, key)
-        except IngestError:
-            del self.engine.runs[alert_id]
-            raise
+            alert = await self.runner.accept(spec, [t.code for t in terminals], hold=hold, dedupe_key=key)
+        except JournalError as e:
+            raise IngestError(
+                Reason.JOURNAL, f"could not journal the alert: {e}", request.identifier
+            ) from None
         if key:
-            self._dedupe[key] = alert_id
+            self._dedupe[key] = (alert_id, time.time())
         if hold:
             log.info(
                 "alert.awaiting_approval",
@@ -138,10 +158,8 @@ class Admission:
                 sender=request.sender,
                 source=source,
             )
-        else:
-            self.engine.approve(alert_id)
         self.metrics.alerts.labels(str(request.level), source).inc()
-        return run
+        return alert
 
     def _resolve(self, request: AlertRequest) -> tuple[Terminal, ...]:
         resolution = self.district.resolve(request.targets)
@@ -182,15 +200,15 @@ class Admission:
                 request.identifier,
             )
 
-    async def _save(self, run: AlertRun, key: tuple[str, str] | None) -> None:
+    async def _save(self, alert: Alert, key: tuple[str, str] | None) -> None:
         try:
-            await self._journal().save_alert(run.id, alert_doc(run, self.engine.last_seq), dedupe_key=key)
+            await self._journal().save_alert(alert.id, self.runner.doc(alert), dedupe_key=key)
         except JournalError as e:
             raise IngestError(
-                Reason.JOURNAL, f"could not journal the alert: {e}", run.request.identifier
+                Reason.JOURNAL, f"could not journal the alert: {e}", alert.request.identifier
             ) from None
 
-    async def _update_referenced(self, request: AlertRequest, scope: Scope, source: str) -> AlertRun:
+    async def _update_referenced(self, request: AlertRequest, scope: Scope, source: str) -> Alert:
         run = self._referenced(request, scope, source)
         old = run.request
         merged = request.model_copy(
@@ -204,20 +222,26 @@ class Admission:
         )
         terminals = self._resolve(merged)
         scope.check(terminals, request.identifier, "alert")
-        if self.engine.update(run.id, merged, terminals) is None:
+        try:
+            await self.runner.update(run.id, merged, [t.code for t in terminals])
+        except Refused:
             raise IngestError(
                 Reason.UNKNOWN_REFERENCE,
                 f"alert {run.id} cannot be updated ({run.state.value})",
                 request.identifier,
-            )
+            ) from None
+        except JournalError as e:
+            raise IngestError(
+                Reason.JOURNAL, f"could not journal the update: {e}", request.identifier
+            ) from None
         return run
 
-    def _referenced(self, request: AlertRequest, scope: Scope, source: str) -> AlertRun:
+    def _referenced(self, request: AlertRequest, scope: Scope, source: str) -> Alert:
         """The alert an update or cancel names, if the asker may change it."""
         for ref in request.references:
             alert_id = self._resolve_reference(ref)
-            if alert_id is not None and alert_id in self.engine.runs:
-                run = self.engine.runs[alert_id]
+            if alert_id is not None and alert_id in self.runner.alerts:
+                run = self.runner.alerts[alert_id]
                 if source == "mqtt" and run.request.sender != request.sender:
                     raise IngestError(
                         Reason.NOT_ALLOWED,
@@ -231,24 +255,29 @@ class Admission:
             Reason.UNKNOWN_REFERENCE, f"no alert matches references {request.references}", request.identifier
         )
 
-    async def _cancel_referenced(
-        self, request: AlertRequest, actor: str, scope: Scope, source: str
-    ) -> AlertRun:
+    async def _cancel_referenced(self, request: AlertRequest, actor: str, scope: Scope, source: str) -> Alert:
         run = self._referenced(request, scope, source)
-        if self.engine.cancel(run.id, f"cancelled by {actor}") is None:
+        try:
+            await self.runner.cancel(run.id, f"cancelled by {actor}")
+        except Refused:
             raise IngestError(
                 Reason.UNKNOWN_REFERENCE,
                 f"alert {run.id} has already ended ({run.state.value})",
                 request.identifier,
-            )
+            ) from None
+        except JournalError as e:
+            raise IngestError(
+                Reason.JOURNAL, f"could not journal the cancel: {e}", request.identifier
+            ) from None
         return run
 
     def _resolve_reference(self, ref: str) -> str | None:
-        if ref in self.engine.runs:
+        if ref in self.runner.alerts:
             return ref
         parts = ref.split(",")
         if len(parts) >= 2:
-            return self._dedupe.get((parts[0], parts[1]))
+            seen = self._dedupe.get((parts[0], parts[1]))
+            return seen[0] if seen else None
         return None
 
     def _next_id(self) -> tuple[str, str]:
@@ -258,23 +287,16 @@ class Admission:
         return f"{day}-{seq:04d}", make_ebmid(self.district.code, day, seq % 10_000)
 
 
-def alert_doc(run: AlertRun, last_seq: int) -> dict[str, Any]:
-    """The journal's document of an alert; `last_seq` is the engine's command sequence so far."""
-    return {
-        "id": run.id,
-        "ebmid": run.ebmid,
-        "revision": run.revision,
-        "state": run.state.value,
-        "request": run.request.model_dump(mode="json"),
-        "accepted_at": run.accepted_at,
-        "expires_at": run.accepted_at + (run.expires - run.started),
-        "final": not run.active,
-        "counts": dict(run.counts),
-        "last_seq": last_seq,
-        "source": run.source,
-        "actor": run.actor,
-        "reason": run.reason,
-    }
+DIGEST = "#sha256"  # the "sender" of a claim on a payload's digest (no sender can start with #)
+
+
+def dedupe_key(request: AlertRequest, payload: bytes | None) -> tuple[str, str] | None:
+    """What an upstream message is de-duplicated on, None for an operator's request."""
+    if request.identifier:
+        return (request.sender or "", request.identifier)
+    if payload is not None:
+        return (DIGEST, hashlib.sha256(payload).hexdigest())
+    return None
 
 
 def is_xml(payload: bytes) -> bool:

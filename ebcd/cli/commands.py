@@ -8,16 +8,20 @@ import io
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ebcd import log as logsetup
-from ebcd.config import Config, ConfigError, load_config, shipped_config_path
+from ebcd.config import Config, ConfigError, load_config, parse_broker_url, shipped_config_path
 from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import TopologyError, load_district
+
+if TYPE_CHECKING:
+    from ebcd.journal.reader import JournalReader
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -41,6 +45,14 @@ StateDirOpt = Annotated[
     Path | None, typer.Option("--state-dir", help="journal and control socket (default: config)")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON only")]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--run-dir",
+        help="folder of the simulated serial buses, {run_dir} in rooms.csv (default: the config's "
+        "simulator.run_dir, else a temp folder named after the config file and the broker)",
+    ),
+]
 
 
 def main() -> None:
@@ -103,6 +115,34 @@ def _ask(client: ControlClient, op: str, **args: Any) -> dict[str, Any]:
     return answer
 
 
+def _serial_run_dir(
+    cfg: Config, district: District, config_path: Path | None, broker: str | None, run_dir: Path | None
+) -> Path | None:
+    """Expand `{run_dir}` in the serial rooms' ports, in place; the folder used, None if none names it.
+
+    `ebcd run` and `ebcd simulate` both call this, so started apart with the same config file and
+    broker they meet at the same buses (ebcd.protocols.serial.ports).
+    """
+    from ebcd.protocols.serial.ports import default_run_dir, expand_port, uses_run_dir
+
+    rooms = [v for v in district.villages() if uses_run_dir(v.port)]
+    if not rooms:
+        return None
+    if run_dir is None and cfg.simulator.run_dir is not None:
+        run_dir = cfg.base_dir / cfg.simulator.run_dir
+    if run_dir is None:
+        try:
+            host, port, tls = parse_broker_url(broker or cfg.mqtt.broker)
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        normalized = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
+        run_dir = default_run_dir(config_path or shipped_config_path(), normalized)
+    run_dir = run_dir.absolute()
+    for village in rooms:
+        village.port = expand_port(village.port or "", run_dir)
+    return run_dir
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
 
@@ -123,12 +163,18 @@ def run(
     mqtt_protocol: Annotated[
         str | None, typer.Option(help="auto, 5 or 3.1.1 (over the config's mqtt.protocol)")
     ] = None,
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
+    import structlog
+
     from ebcd.daemon.service import run_daemon
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
+    buses = _serial_run_dir(cfg, district, config, broker, run_dir)
+    if buses is not None:
+        structlog.get_logger("ebcd.cli").info("serial.run_dir", run_dir=str(buses))
     if mqtt_protocol is not None:
         if mqtt_protocol not in ("auto", "5", "3.1.1"):
             raise typer.BadParameter("expected auto, 5 or 3.1.1", param_hint="--mqtt-protocol")
@@ -164,13 +210,19 @@ def simulate(
         str, typer.Option(help="serial buses: e.g. corrupt=10%,loss=5%,echo,garbage=2%,dead=CODE")
     ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    run_dir: RunDirOpt = None,
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
+    import structlog
+
     from ebcd.security.signing import SecurityError
-    from simulators.runner import run_simulators
+    from simulators.runner import BusDirError, run_simulators
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
+    buses = _serial_run_dir(cfg, district, config, broker, run_dir)
+    if buses is not None:
+        structlog.get_logger("ebcd.cli").info("serial.run_dir", run_dir=str(buses))
     try:
         code = run_simulators(
             cfg,
@@ -183,7 +235,7 @@ def simulate(
             faults_report=faults_report,
             bus_faults=bus_faults,
         )
-    except (ValueError, SecurityError) as e:  # SecurityError: key, password, CA or certificate files
+    except (ValueError, SecurityError, BusDirError) as e:  # SecurityError: key, password, CA, cert files
         raise _fail(str(e)) from None
     raise typer.Exit(code)
 
@@ -278,10 +330,17 @@ def _one_line(e: Exception) -> str:
 def alert_status(
     alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
 ) -> None:
-    """Show an alert's state."""
+    """Show an alert's state (from the journal when the daemon is down or no longer holds it)."""
     from ebcd.cli.render import print_state
 
-    state = _ask(_client(state_dir, config), "status", id=alert_id)["state"]
+    answer = _ask_or_journal(_client(state_dir, config), "status", id=alert_id)
+    if isinstance(answer, _Fallback):
+        with _open_journal(state_dir, config, answer, _district_or_none(config)) as reader:
+            state = reader.alert_state(alert_id)
+            if state is None:
+                raise _not_in_journal(alert_id, reader.path)
+    else:
+        state = answer["state"]
     if as_json:
         _print_json(state)
     else:
@@ -290,14 +349,95 @@ def alert_status(
 
 @alert_app.command("list")
 def alert_list(as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
-    """List the alerts the daemon holds."""
+    """List every alert, newest first: the daemon's, and those only its journal still holds."""
     from ebcd.cli.render import print_alerts
 
-    alerts = _ask(_client(state_dir, config), "list")["alerts"]
+    answer = _ask_or_journal(_client(state_dir, config), "list")
+    if isinstance(answer, _Fallback):
+        with _open_journal(state_dir, config, answer, _district_or_none(config)) as reader:
+            alerts = reader.list_alerts()
+    else:
+        alerts = _with_history(answer["alerts"], state_dir, config)
+    alerts.sort(key=lambda a: (a.get("accepted_at") or 0.0, a.get("id") or ""), reverse=True)
     if as_json:
         _print_json(alerts)
     else:
         print_alerts(alerts)
+
+
+# -- history: the journal answers when the daemon is down or no longer holds an alert -------------
+@dataclass(frozen=True, slots=True)
+class _Fallback:
+    """Why the journal answers instead of the daemon."""
+
+    why: str  # the daemon's side, for an error message: why it could not be asked, or what it said
+    note: str  # how the note on stderr starts
+
+
+def _ask_or_journal(client: ControlClient, op: str, **args: Any) -> dict[str, Any] | _Fallback:
+    """The daemon's answer; a _Fallback when it is not there, or (an `id` op) does not hold the alert."""
+    try:
+        answer = asyncio.run(client.request(op, **args))
+    except NoDaemon as e:
+        down = isinstance(e.__context__, FileNotFoundError | ConnectionRefusedError)
+        return _Fallback(str(e), "ebcd is not running" if down else f"ebcd: {e}")
+    if not answer.get("ok"):
+        if answer.get("error") == "unknown_alert" and "id" in args:
+            why = f"{answer.get('message')} [unknown_alert]"
+            return _Fallback(why, f"ebcd: the daemon does not hold alert {args['id']}")
+        raise _fail(f"{answer.get('message')} [{answer.get('error')}]")
+    return answer
+
+
+def _open_journal(
+    state_dir: Path | None, config: Path | None, fallback: _Fallback, district: District | None
+) -> JournalReader:
+    """The daemon's journal, read-only, with the note on stderr that it answers; exit 2 if unreadable."""
+    from ebcd.journal.reader import JournalReader, JournalUnavailable, journal_path
+
+    path = journal_path(_state_dir(state_dir, config))
+    try:
+        reader = JournalReader(path, district)
+    except JournalUnavailable as e:
+        raise _fail(f"{fallback.why}; and {e}") from None
+    typer.echo(f"{fallback.note}: read from the journal {path} (read-only)", err=True)
+    return reader
+
+
+def _not_in_journal(alert_id: str, path: Path) -> typer.Exit:
+    return _fail(f"no alert with id {alert_id!r} in the journal {path} (ebcd alert list shows them)")
+
+
+def _district_or_none(config: Path | None) -> District | None:
+    """The topology for tallies the journal lacks, or None (and nothing said) if it does not load."""
+    try:
+        return load_district(load_config(config or shipped_config_path()))
+    except (ConfigError, TopologyError):
+        return None
+
+
+def _with_history(
+    alerts: list[dict[str, Any]], state_dir: Path | None, config: Path | None
+) -> list[dict[str, Any]]:
+    """The daemon's alerts and those only its journal holds (none if the daemon runs without one)."""
+    from ebcd.journal.reader import JournalReader, JournalUnavailable, journal_path
+
+    path = journal_path(_state_dir(state_dir, config))
+    if not path.exists():  # a daemon run --no-journal
+        return alerts
+    held = {a.get("id") for a in alerts}
+    try:
+        with JournalReader(path, _district_or_none(config)) as reader:
+            older = [a for a in reader.list_alerts() if a["id"] not in held]
+    except JournalUnavailable as e:
+        typer.echo(f"ebcd: {e}: only the daemon's alerts are listed", err=True)
+        return alerts
+    if older:
+        typer.echo(
+            f"ebcd: {len(older)} alert(s) the daemon does not hold: read from the journal {path} (read-only)",
+            err=True,
+        )
+    return alerts + older
 
 
 @alert_app.command("cancel")
@@ -345,10 +485,21 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Coverage of an alert per town and village, and the terminals that failed and why."""
+    answer = _ask_or_journal(_client(state_dir, config), "report", id=alert_id)
+    if isinstance(answer, _Fallback):
+        _, district = _load(config)
+        with _open_journal(state_dir, config, answer, district) as reader:
+            found = reader.report(alert_id)
+            if found is None:
+                raise _not_in_journal(alert_id, reader.path)
+        answer = found
+    answer.pop("ok", None)
+    _print_report(answer, as_json=as_json, as_csv=as_csv)
+
+
+def _print_report(answer: dict[str, Any], *, as_json: bool, as_csv: bool) -> None:
     from ebcd.cli.render import print_report
 
-    answer = _ask(_client(state_dir, config), "report", id=alert_id)
-    answer.pop("ok", None)
     if as_json:
         _print_json(answer)
     elif as_csv:
@@ -459,3 +610,93 @@ def keys_generate(
         raise _fail(str(e)) from None
     typer.echo(f"private key {private}  (ebcd.toml [security] private_key; keep it 0600, owned by ebcd)")
     typer.echo(f"public key  {public}  (terminals, and [security] public_key for the simulators)")
+
+
+@keys_app.command("generate-terminals")
+def keys_generate_terminals(
+    out: Annotated[
+        Path, typer.Option(help="folder for the keys: OUT/public/<code>.pub, OUT/private/<code>.key")
+    ],
+    scheme: Annotated[
+        str, typer.Option(help="ed25519 (default: ~0.06 ms a signature) or sm2 (pure Python, 8-18 ms)")
+    ] = "ed25519",
+    serial: Annotated[str, typer.Option(help="the keys' serial, up to 12 digits (one per batch)")] = "1",
+    config: ConfigOpt = None,
+) -> None:
+    """A key pair per MQTT terminal of the ledger, with which it signs its reports and presence."""
+    from ebcd.security.reports import generate_terminal_keys
+    from ebcd.security.signing import SecurityError
+
+    _, district = _load(config)
+    codes = [t.code for t in district.terminals() if t.link == "mqtt"]
+    try:
+        public, private = generate_terminal_keys(out, codes, scheme, serial)
+    except (SecurityError, ValueError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{len(codes)} terminal key pairs ({scheme}, serial {serial})")
+    typer.echo(f"public keys  {public}  ([security] terminal_keys_dir: ebcd believes only what they sign)")
+    typer.echo(f"private keys {private}  ([simulator] terminal_keys_dir; 0600: each terminal keeps its own)")
+
+
+# -- the journal -------------------------------------------------------------------------------
+journal_app = typer.Typer(no_args_is_help=True, help="The daemon's journal, read-only.")
+app.add_typer(journal_app, name="journal")
+
+
+@journal_app.command("stats")
+def journal_stats(state_dir: StateDirOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Size, rows and raw payloads of the journal, and the retention settings (read-only)."""
+    from ebcd.journal.reader import JournalReader, JournalUnavailable, journal_path
+
+    cfg = _config(config)
+    path = journal_path(state_dir if state_dir is not None else Path(cfg.daemon.state_dir))
+    try:
+        with JournalReader(path) as reader:
+            stats = reader.stats()
+    except JournalUnavailable as e:
+        raise _fail(str(e)) from None
+    doc = stats.as_dict() | {"retention": cfg.journal.model_dump(mode="json")}
+    if as_json:
+        _print_json(doc)
+        return
+    rows, received, retention = doc["rows"], doc["received"], cfg.journal
+    typer.echo(f"journal         {path}")
+    typer.echo(f"  database      {_bytes(stats.db_bytes)}, {_bytes(stats.free_bytes)} of it free for reuse")
+    typer.echo(f"  wal           {_bytes(stats.wal_bytes)}")
+    typer.echo(f"schema version  {stats.schema_version}")
+    typer.echo("rows")
+    typer.echo(
+        f"  received      {rows['received']:>9}  ({received['unjudged']} without a verdict,"
+        f" {received['pruned']} with the payload pruned)"
+    )
+    typer.echo(
+        f"  alerts        {rows['alerts']:>9}  ({rows['alerts_final']} final, {rows['alerts_active']} active)"
+    )
+    for table in ("deliveries", "transitions", "dedupe", "audit"):
+        typer.echo(f"  {table:<13} {rows[table]:>9}")
+    typer.echo(f"raw payloads    {_bytes(stats.payload_bytes)}")
+    span = "none"
+    if stats.oldest_received_at is not None and stats.newest_received_at is not None:
+        span = f"{_when(stats.oldest_received_at)} … {_when(stats.newest_received_at)}"
+    typer.echo(f"received at     {span}")
+    alerts_kept = (
+        "kept forever"
+        if retention.alert_retention_days is None
+        else f"kept {retention.alert_retention_days:g} days"
+    )
+    typer.echo(
+        f"retention       raw payloads kept {retention.raw_retention_days:g} days,"
+        f" ended alerts {alerts_kept}, every {retention.retention_interval_s:g} s"
+    )
+
+
+def _bytes(n: int) -> str:
+    """13631488 -> "13.0 MiB (13631488 B)"."""
+    power = min(3, max(0, n.bit_length() - 1) // 10)  # of 1024
+    return f"{n} B" if power == 0 else f"{n / 1024**power:.1f} {('KiB', 'MiB', 'GiB')[power - 1]} ({n} B)"
+
+
+def _when(at: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(at).astimezone().isoformat(timespec="seconds")

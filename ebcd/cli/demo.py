@@ -47,7 +47,7 @@ def run_demo(*, config_path: Path, broker: str | None, faults: str, state_dir: P
         f"[bold]ebcd demo[/]: {config.district.name}, {len(district.towns)} towns, "
         f"{sum(len(t.villages) for t in district.towns.values())} villages, {len(district)} terminals"
     )
-    console.print(f"logs and journal in {work}")
+    console.print(f"logs, journal and simulated serial buses in {work}")
     return asyncio.run(_demo(config_path, broker, faults, work, len(district)))
 
 
@@ -59,6 +59,7 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
         embedded = await _start_broker(port)
         console.print(f"embedded MQTT broker (amqtt) on {broker}")
     procs: list[subprocess.Popen[bytes]] = []
+    run_dir = (work / "serial").absolute()  # this demo's buses: never another run's
     try:
         base = [sys.executable, "-m", "ebcd"]
         procs.append(
@@ -74,6 +75,8 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
                     faults,
                     "--play-time",
                     "0.5",
+                    "--run-dir",
+                    str(run_dir),
                 ],
                 work / "simulate.log",
             )
@@ -91,6 +94,8 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
                     str(work),
                     "--metrics-port",
                     "0",
+                    "--run-dir",
+                    str(run_dir),
                     # amqtt speaks MQTT 3.1.1 only; an external broker gets the config's choice
                     *(["--mqtt-protocol", "3.1.1"] if embedded is not None else []),
                 ],

@@ -2,12 +2,13 @@
 
 `control.serve` frames the requests and knows the peer; this module decides what each op does.
 send, cancel, approve and reject are commands: journalled with who asked and refused outside the
-operator's scope. status, list, watch, report and terminals only read the engine's state.
+operator's scope. status, list, watch, report and terminals only read the delivery core's state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -16,12 +17,14 @@ import structlog
 from ebcd.admission.admission import Admission
 from ebcd.admission.authority import OperatorAuthority, Scope, as_room
 from ebcd.admission.schedule import TestOutcome
-from ebcd.alert_run import AlertRun, AlertState
+from ebcd.control.requests import COMMANDS, Op, Request, parse
 from ebcd.control.socket import ControlError, Peer
-from ebcd.delivery import DState
-from ebcd.engine import Engine
+from ebcd.delivery.alerts import Alert, Delivery
+from ebcd.delivery.core import Refused
+from ebcd.delivery.runner import Runner
+from ebcd.delivery.state import AState, Bucket, DState
 from ebcd.ingest import IngestError, Reason
-from ebcd.journal.journal import Journal
+from ebcd.journal.journal import Journal, JournalError
 from ebcd.model.alert import AlertRequest
 from ebcd.tiers.district import District
 from ebcd.tiers.rollup import Tally
@@ -36,7 +39,7 @@ class ControlHandler:
         self,
         *,
         district: District,
-        engine: Engine,
+        runner: Runner,
         admission: Admission,
         operators: OperatorAuthority,
         journal: Callable[[], Journal],
@@ -44,7 +47,7 @@ class ControlHandler:
         test_outcomes: Mapping[str, TestOutcome],
     ) -> None:
         self.district = district
-        self.engine = engine
+        self.runner = runner
         self.admission = admission
         self.operators = operators
         self._journal = journal
@@ -53,92 +56,95 @@ class ControlHandler:
 
     async def handle(self, req: dict[str, Any], peer: Peer) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         """Answer one request: a document, or an async iterator of them (watch)."""
-        op = req["op"]
-        if op in ("send", "cancel", "approve", "reject"):
-            return await self._command(op, req, peer)
-        if op == "status":
-            return {"state": self._run(req).state_doc(self.district, self.engine.clock())}
-        if op == "list":
-            now = self.engine.clock()
-            return {"alerts": [r.state_doc(self.district, now) for r in self.engine.runs.values()]}
-        if op == "watch":
-            return self.watch(self._run(req))
-        if op == "report":
-            return self.report(self._run(req))
-        if op == "terminals":
-            return {"terminals": self.terminals()}
-        raise ControlError("bad_request", f"unknown op {op!r}")
+        request = parse(req)
+        op = request.op
+        if op in COMMANDS:
+            return await self._command(request, peer)
+        if op is Op.STATUS:
+            return {"state": self._alert(request.id).state_doc(self.district, self.runner.clock())}
+        if op is Op.LIST:
+            now = self.runner.clock()
+            return {"alerts": [a.state_doc(self.district, now) for a in self.runner.alerts.values()]}
+        if op is Op.WATCH:
+            return self.watch(self._alert(request.id))
+        if op is Op.REPORT:
+            return self.report(self._alert(request.id))
+        return {"terminals": self.terminals()}
 
-    async def _command(self, op: str, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+    async def _command(self, request: Request, peer: Peer) -> dict[str, Any]:
         """send, cancel, approve, reject: journalled with who asked, refused outside their scope."""
         journal = self._journal()
-        token = req.get("token")
-        detail = {k: v for k, v in req.items() if k not in ("op", "token")}  # never journal a secret
+        op, token = request.op.value, request.token
+        detail = request.detail()  # never journal a secret
         who = peer.user if token is None else f"{peer.user} (token)"
         log.info("control.command", op=op, user=who, uid=peer.uid, pid=peer.pid)
-        await journal.record_audit(who, op, detail)
         try:
-            scope = self.operators.scope_of(
-                uid=peer.uid, gid=peer.gid, user=peer.user, token=token if isinstance(token, str) else None
-            )
-            return await self._command_in_scope(op, req, scope, who)
+            await journal.record_audit(who, op, detail)
+        except JournalError as e:  # nothing is done that the journal cannot remember
+            log.error("control.journal_failed", op=op, user=who, error=str(e))
+            raise ControlError("journal", f"the journal cannot be written, nothing was done: {e}") from None
+        try:
+            scope = self.operators.scope_of(uid=peer.uid, gid=peer.gid, user=peer.user, token=token)
+            return await self._command_in_scope(request, scope, who)
         except IngestError as e:
             if e.reason is Reason.NOT_ALLOWED:
                 log.warning("control.refused", op=op, user=who, uid=peer.uid, detail=e.detail)
-                await journal.record_audit(
-                    who, f"{op} refused", {**detail, "reason": e.reason.value, "detail": e.detail}
-                )
+                with contextlib.suppress(JournalError):  # the refusal stands either way
+                    await journal.record_audit(
+                        who, f"{op} refused", {**detail, "reason": e.reason.value, "detail": e.detail}
+                    )
             raise ControlError(e.reason.value, e.detail) from None
 
-    async def _command_in_scope(self, op: str, req: dict[str, Any], scope: Scope, who: str) -> dict[str, Any]:
-        now = self.engine.clock
-        if op == "send":
+    async def _command_in_scope(self, request: Request, scope: Scope, who: str) -> dict[str, Any]:
+        now = self.runner.clock
+        op = request.op
+        if op is Op.SEND:
             if self.stopping.is_set():
                 raise ControlError("stopping", "the daemon is stopping and takes no new alerts")
             try:
-                request = AlertRequest.model_validate(req.get("alert") or {})
+                asked = AlertRequest.model_validate(request.alert or {})
             except ValueError as e:
                 raise ControlError("invalid", str(e)) from None
-            run = await self.admission.submit(as_room(request, scope), source="cli", actor=who, scope=scope)
-            return {"id": run.id, "state": run.state_doc(self.district, now())}
-        run = self._run(req)
-        scope.check(run.deliveries, run.request.identifier, f"{op} alerts of")
-        if op == "cancel":
-            if self.engine.cancel(run.id, f"cancelled by {who}") is None:
-                raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
-        elif op == "approve":
-            if self.engine.approve(run.id) is None:
-                raise ControlError(
-                    "not_pending", f"alert {run.id} is not waiting for approval ({run.state.value})"
-                )
-        elif self.engine.cancel(run.id, f"rejected in review by {who}", AlertState.REJECTED) is None:
-            raise ControlError("ended", f"alert {run.id} has already ended ({run.state.value})")
-        return {"state": run.state_doc(self.district, now())}
-
-    def _run(self, req: dict[str, Any]) -> AlertRun:
-        alert_id = req.get("id")
-        run = self.engine.runs.get(alert_id) if isinstance(alert_id, str) else None
-        if run is None:
-            raise ControlError("unknown_alert", f"no alert with id {alert_id!r} (ebcd alert list shows them)")
-        return run
-
-    async def watch(self, run: AlertRun) -> AsyncIterator[dict[str, Any]]:
-        """The alert's state now and at each change, until it settles (the last has more=False)."""
-        q = self.engine.watch(run.id)
+            alert = await self.admission.submit(as_room(asked, scope), source="cli", actor=who, scope=scope)
+            return {"id": alert.id, "state": alert.state_doc(self.district, now())}
+        alert = self._alert(request.id)
+        scope.check(alert.deliveries, alert.request.identifier, f"{op} alerts of")
         try:
-            doc = run.state_doc(self.district, self.engine.clock())
+            if op is Op.CANCEL:
+                await self.runner.cancel(alert.id, f"cancelled by {who}")
+            elif op is Op.APPROVE:
+                await self.runner.approve(alert.id)
+            else:
+                await self.runner.reject(alert.id, f"rejected in review by {who}")
+        except Refused as e:
+            raise ControlError(e.code, e.detail) from None
+        except JournalError as e:
+            raise ControlError("journal", f"could not journal the {op}: {e}") from None
+        return {"state": alert.state_doc(self.district, now())}
+
+    def _alert(self, alert_id: str | None) -> Alert:
+        alert = self.runner.alerts.get(alert_id) if alert_id is not None else None
+        if alert is None:
+            raise ControlError("unknown_alert", f"no alert with id {alert_id!r} (ebcd alert list shows them)")
+        return alert
+
+    async def watch(self, run: Alert) -> AsyncIterator[dict[str, Any]]:
+        """The alert's state now and at each change, until it settles (the last has more=False)."""
+        q = self.runner.watch(run.id)
+        try:
+            doc = run.state_doc(self.district, self.runner.clock())
             while True:
-                settled = run.state is not AlertState.DISPATCHING
+                settled = run.state is not AState.DISPATCHING
                 if settled:  # a queued state may predate the change that settled the alert
-                    doc = run.state_doc(self.district, self.engine.clock())
+                    doc = run.state_doc(self.district, self.runner.clock())
                 yield {"state": doc, "more": not settled}
                 if settled:
                     return
                 doc = await q.get()
         finally:
-            self.engine.unwatch(run.id, q)
+            self.runner.unwatch(run.id, q)
 
-    def report(self, run: AlertRun) -> dict[str, Any]:
+    def report(self, run: Alert) -> dict[str, Any]:
         """The alert's state, tallies per town and village, and every terminal that did not ack."""
         buckets = run.buckets()
         towns = []
@@ -161,23 +167,22 @@ class ControlHandler:
             ]
             towns.append({"code": town.code, "name": town.name, **tt.as_dict(), "villages": villages})
         problems = []
+        live = self.runner.core.liveness
         for code, d in run.deliveries.items():
-            if d.state is not DState.ACKNOWLEDGED:
+            if d.bucket is not Bucket.ACKED:
                 term = self.district.terminal(code)
                 problems.append(
                     {
                         "terminal": code,
                         "name": term.name if term else "",
                         "state": d.state.value,
-                        "cause": d.cause,
+                        "cause": self._cause(alert_id=run.id, code=code, d=d),
                         "attempts": d.attempts,
-                        "liveness": self.engine.liveness[code].state
-                        if code in self.engine.liveness
-                        else "unknown",
+                        "liveness": live.state(code).value,
                     }
                 )
         report: dict[str, Any] = {
-            "state": run.state_doc(self.district, self.engine.clock()),
+            "state": run.state_doc(self.district, self.runner.clock()),
             "towns": towns,
             "problems": problems,
         }
@@ -192,11 +197,23 @@ class ControlHandler:
             }
         return report
 
+    def _cause(self, *, alert_id: str, code: str, d: Delivery) -> str | None:
+        """Why a delivery stands where it does; for one that waits, what holds the terminal now
+        (the holder changes as terminals are released, the delivery is not touched until then)."""
+        if d.state not in (DState.WAITING, DState.PREEMPTED):
+            return d.cause
+        holder = self.runner.core.holders.holder_of(code)
+        free = holder is None or holder == alert_id
+        now = "the terminal is free" if free else f"the terminal plays alert {holder}"
+        if d.state is DState.PREEMPTED:
+            return f"{d.cause}; {now}" if d.cause else now
+        return f"waiting: {now}"
+
     def terminals(self) -> list[dict[str, Any]]:
         """Every terminal of the district with its place, link and liveness."""
         out = []
         for t in self.district.terminals():
-            live = self.engine.liveness[t.code]
+            live = self.runner.core.liveness.terminals[t.code]
             out.append(
                 {
                     "code": t.code,
@@ -204,7 +221,7 @@ class ControlHandler:
                     "town": t.town,
                     "village": t.village,
                     "link": t.link,
-                    "state": live.state,
+                    "state": live.state.value,
                     "session": live.session,
                 }
             )

@@ -1,8 +1,9 @@
-"""The daemon: one TaskGroup that runs the MQTT link, the engine, ingest and the control socket.
+"""The daemon: builds the parts and wires them together in one TaskGroup.
 
-`Daemon` owns the life cycle, the MQTT wiring, the journal's ticks, recovery and the liveness sweep;
-it composes `Admission` (how a request becomes an alert), `ControlHandler` (the control socket's
-answers) and `Scheduler` (the scheduled test broadcasts).
+The delivery core (`ebcd.delivery`) decides, its runner performs; the MQTT link and the serial
+bus masters carry; admission (`ebcd.admission`) turns requests into alerts; the control socket
+answers the duty officer; the journal remembers. This module only connects them and owns the
+life cycle.
 
 Shutdown (SIGTERM/SIGINT): stop taking alerts, flush alert states and the journal, publish the
 offline status, then cancel the group; a second signal or the grace period ends it harder.
@@ -24,32 +25,41 @@ import structlog
 from prometheus_client import start_http_server
 
 from ebcd import __version__
-from ebcd.admission.admission import Admission, alert_doc
+from ebcd.admission.admission import Admission
 from ebcd.admission.authority import DISTRICT_WIDE, OperatorAuthority, Scope, UpstreamAuthority
-from ebcd.admission.scheduler import Scheduler
-from ebcd.alert_run import AlertRun, AlertState, RetryPolicy
+from ebcd.admission.routine import Scheduler
+from ebcd.admission.upstream import UpstreamIngest
 from ebcd.config import Config, parse_broker_url
 from ebcd.control.handler import ControlHandler
 from ebcd.control.socket import SOCKET_NAME, serve
-from ebcd.delivery import Backoff, Delivery, DState
-from ebcd.engine import Engine
-from ebcd.ingest import IngestError, Reason
+from ebcd.daemon.health import JournalHealth
+from ebcd.delivery.alerts import Alert
+from ebcd.delivery.core import Core, Policy
+from ebcd.delivery.records import AlertRecord
+from ebcd.delivery.recovery import record_from_row, restore
+from ebcd.delivery.runner import Runner
+from ebcd.delivery.state import AState, Bucket
 from ebcd.journal.journal import Journal, JournalError, NullJournal
+from ebcd.journal.retention import run_retention
 from ebcd.metrics import Metrics
 from ebcd.model.alert import AlertRequest
+from ebcd.model.backoff import Backoff
 from ebcd.protocols.mqtt import codec as mqtt_codec
 from ebcd.protocols.mqtt.codec import CodecError, Topics
-from ebcd.protocols.mqtt.link import LinkState, MqttLink, Will, response_properties, response_target
+from ebcd.protocols.mqtt.link import LinkState, MqttLink, Will
+from ebcd.protocols.mqtt.transport import MqttTransport
 from ebcd.protocols.serial.bus import SerialBusMaster
+from ebcd.protocols.serial.transport import SerialTransport
+from ebcd.security.acl_probe import AclProbeError, is_acl_probe, probe_report_acl
 from ebcd.security.bench import BENCH, signer_from
 from ebcd.security.mqtt_auth import read_secret, tls_context
+from ebcd.security.reports import report_verifier_from
 from ebcd.tiers.district import District
-from ebcd.transport import MqttTransport, SerialTransport
 
 log = structlog.get_logger("ebcd.daemon")
 
 SHUTDOWN_GRACE_S = 10.0
-JOURNAL_TICK_S = 0.05  # delivery transitions reach the journal in one transaction per tick
+JOURNAL_TICK_S = 0.05  # changed alert documents reach the journal at most this late
 LIVENESS_SWEEP_S = 5.0
 
 
@@ -58,7 +68,7 @@ class _Shutdown(Exception):
 
 
 class Daemon:
-    """ebcd's running state: config, district, links, engine, journal."""
+    """ebcd's running state: config, district, links, delivery core and runner, journal."""
 
     def __init__(
         self,
@@ -81,17 +91,24 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.bound_metrics_port: int | None = None
-        self._ingest: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue(config.mqtt.ingest_queue_size)
         self._journal: Journal | None = None
-        self._docs_dirty: dict[str, dict[str, Any]] = {}
-        self._transitions: list[tuple[str, str, str, str | None, float]] = []
+        self.health = JournalHealth(lambda: self.journal.stats, self.metrics, on_change=self._on_health)
         host, port, tls = parse_broker_url(self.broker)
+        self._broker_addr = (host, port, _tls_context(config, tls))
+        sec = config.security
+        self.reports = report_verifier_from(
+            sec.terminal_keys_dir, config.base_dir, window_s=sec.replay_window_s
+        )
+        self._mqtt_codes = [t.code for t in district.terminals() if t.link == "mqtt"]
+        if self.reports.enabled and (missing := self.reports.missing(self._mqtt_codes)):
+            log.warning("security.terminal_keys_missing", terminals=len(missing), first=missing[0],
+                        hint="every report and presence of these terminals is refused")  # fmt: skip
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self.link = MqttLink(
             host=host,
             port=port,
             tls=tls,
-            tls_context=_tls_context(config, tls),
+            tls_context=self._broker_addr[2],
             client_id=config.mqtt.client_id or f"ebcd-{district.code}-{digest}",
             username=config.mqtt.username,
             password=_read_secret(config.mqtt.password_file, config.base_dir),
@@ -100,6 +117,10 @@ class Daemon:
             protocol=config.mqtt.protocol,
             subscriptions=[self.topics.alerts_in, self.topics.all_reports, self.topics.all_presence],
             on_message=self._on_message,
+            held_topics=[self.topics.alerts_in],  # acknowledged to the broker once journalled
+            on_held_message=lambda topic, payload, retain, props, ack: self.ingest.offer(
+                topic, payload, retain, props, ack
+            ),
             on_connect=self._on_connect,
             will=lambda: Will(self.topics.status, self._status_doc("offline"), retain=True),
             reconnect_initial_s=config.mqtt.reconnect_initial_s,
@@ -110,27 +131,26 @@ class Daemon:
             on_state=self._on_link_state,
         )
         dc = config.delivery
-        sec = config.security
-        signer = None if sec.scheme == "none" else signer_from(sec.private_key, sec.scheme, config.base_dir)
-        if signer is None:
-            log.warning("security.unsigned_commands", hint="terminals that check signatures will refuse them")
-        elif sec.private_key == BENCH:
-            log.warning(
-                "security.bench_key",
-                scheme=sec.scheme,
-                hint="the published test-bench key: generate your own with ebcd keys generate",
-            )
         self.upstream = UpstreamAuthority(config, district)
         self.operators = OperatorAuthority(config, district)
-        self.serial_masters = self._serial_masters()
-        self.serial = SerialTransport(self.serial_masters, self.metrics)
-        self.engine = Engine(
-            district=district,
-            policy=RetryPolicy(
-                dc.ack_timeout_s,
-                dc.max_attempts,
-                Backoff(dc.retry_initial_s, dc.retry_max_s, dc.retry_jitter),
+        self.core = Core(
+            (t.code for t in district.terminals()),
+            Policy(
+                ack_timeout_s=dc.ack_timeout_s,
+                max_attempts=dc.max_attempts,
+                backoff=Backoff(dc.retry_initial_s, dc.retry_max_s, dc.retry_jitter),
+                max_play_s=dc.max_play_s,
+                priority_order=tuple(config.priority.order),
+                preempted=config.priority.preempted,
             ),
+        )
+        self.serial_masters = self._serial_masters()
+        self.serial = SerialTransport(
+            self.serial_masters, self.metrics, on_failed=lambda *a: self.runner.send_failed(*a)
+        )
+        self.runner = Runner(
+            self.core,
+            district,
             transports={
                 "mqtt": MqttTransport(
                     district, self.topics, self.link, self.metrics, groups=config.mqtt.group_topics
@@ -139,26 +159,33 @@ class Daemon:
             },
             metrics=self.metrics,
             publish_state=self._publish_state,
-            record_transition=self._record_transition,
+            journal=lambda: self.journal,
+            signer=_signer(config),
             state_interval_s=dc.state_publish_interval_s,
-            priority_order=tuple(config.priority.order),
-            preempted_policy=config.priority.preempted,
-            signer=signer,
         )
         self.admission = Admission(
             config=config,
             district=district,
-            engine=self.engine,
+            runner=self.runner,
             upstream=self.upstream,
             metrics=self.metrics,
             journal=lambda: self.journal,
         )
+        self.ingest = UpstreamIngest(
+            admission=self.admission,
+            upstream=self.upstream,
+            topics=self.topics,
+            link=self.link,
+            metrics=self.metrics,
+            journal=lambda: self.journal,
+            queue_size=config.mqtt.ingest_queue_size,
+        )
         self.scheduler = Scheduler(
-            config=config, engine=self.engine, admission=self.admission, metrics=self.metrics
+            config=config, runner=self.runner, admission=self.admission, metrics=self.metrics
         )
         self.control = ControlHandler(
             district=district,
-            engine=self.engine,
+            runner=self.runner,
             admission=self.admission,
             operators=self.operators,
             journal=lambda: self.journal,
@@ -174,7 +201,7 @@ class Daemon:
 
     async def submit(
         self, request: AlertRequest, *, source: str, actor: str, scope: Scope = DISTRICT_WIDE
-    ) -> AlertRun:
+    ) -> Alert:
         """Accept an alert (or an update or cancel of one) durably, or raise IngestError."""
         return await self.admission.submit(request, source=source, actor=actor, scope=scope)
 
@@ -188,8 +215,8 @@ class Daemon:
                 village.port,
                 source=village.code,
                 terminals={t.code: t.bus_address or 0 for t in village.terminals},
-                on_report=lambda r: self.engine.on_report(r),
-                on_presence=lambda p: self.engine.on_presence(p),
+                on_report=lambda r: self.runner.on_report(r),
+                on_presence=lambda p: self.runner.on_presence(p),
                 baudrate=sc.baudrate,
                 parity=sc.parity,
                 response_timeout_s=sc.response_timeout_s,
@@ -197,6 +224,7 @@ class Daemon:
                 inter_frame_gap_s=sc.inter_frame_gap_s,
                 echo_suppression=sc.echo_suppression,
                 poll_interval_s=sc.poll_interval_s,
+                busy_poll_s=sc.busy_poll_s,
             )
         return masters
 
@@ -213,8 +241,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        dc = self.config.daemon
         server = await serve(
-            self.state_dir / SOCKET_NAME, self.control.handle, self.config.daemon.socket_mode
+            self.state_dir / SOCKET_NAME,
+            self.control.handle,
+            dc.socket_mode,
+            idle_timeout_s=dc.control_idle_timeout_s,
+            max_connections=dc.control_max_connections,
+            metrics=self.metrics,
         )
         http = None
         if self.metrics_port >= 0:
@@ -244,12 +278,14 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="mqtt-link")
-                tg.create_task(self.engine.run_timers(), name="engine-timers")
-                tg.create_task(self.engine.run_publisher(), name="state-publisher")
-                tg.create_task(self._ingest_loop(), name="ingest")
+                tg.create_task(self.runner.run_timers(), name="delivery-timers")
+                tg.create_task(self.runner.run_publisher(), name="state-publisher")
+                tg.create_task(self.ingest.run(), name="ingest")
                 tg.create_task(self._liveness_loop(), name="liveness")
                 tg.create_task(self._save_docs_loop(), name="journal-docs")
+                tg.create_task(run_retention(self.journal, self.config.journal), name="journal-retention")
                 tg.create_task(self.scheduler.run(), name="test-broadcasts")
+                tg.create_task(self._probe_report_acl(), name="acl-probe")
                 tg.create_task(self._stopper(server), name="stopper")
                 for room, master in self.serial_masters.items():
                     tg.create_task(master.run(), name=f"serial-bus-{room}")
@@ -271,14 +307,17 @@ class Daemon:
         """Ask the daemon to stop (signal-safe)."""
         self.stopping.set()
 
-    async def _stopper(self, server: asyncio.Server) -> None:
+    async def _stopper(self, server: asyncio.AbstractServer) -> None:
         await self.stopping.wait()
         log.info("daemon.stopping")
         server.close()
-        self.engine.flush_states()
+        if self.ingest.waiting:  # journalled, so judged at the next start; never dropped
+            log.warning("ingest.deferred", messages=self.ingest.waiting, hint="judged at the next start")
+        self.runner.flush_states()
         try:
             async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                await self._flush_outgoing()
+                if self.link.connected.is_set():
+                    await self.link.drain()
                 await self.serial.close()
                 await self._save_docs()
                 if self._journal:
@@ -295,83 +334,64 @@ class Daemon:
 
     async def _save_docs(self) -> None:
         journal = self.journal
-        transitions, self._transitions = self._transitions, []
-        for alert_id, terminal, state, detail, at in transitions:
-            journal.record_transition(alert_id, terminal, state, detail, at, attempt=state == "sent")
-        docs, self._docs_dirty = self._docs_dirty, {}
-        for alert_id, doc in docs.items():
+        for alert_id, doc in self.runner.take_docs().items():
             try:
                 await journal.save_alert(alert_id, doc)
             except JournalError as e:
+                self.metrics.journal_failures.labels("alert").inc()
                 log.error("journal.save_failed", alert_id=alert_id, error=str(e))
-
-    async def _flush_outgoing(self) -> None:
-        if self.link.connected.is_set():
-            await self.link.drain()
 
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self) -> None:
         journal = self.journal
         alerts = await journal.list_alerts(10_000)
         self.admission.remember(alerts)
-        self.engine.resume_seq(max([0, *(int(alert.get("last_seq", 0)) for alert in alerts)]))
-        now_wall = time.time()
+        self.admission.remember_claims(await journal.dedupe_claims())
+        self.runner.resume_seq(max([0, *(int(alert.get("last_seq", 0)) for alert in alerts)]))
+        records, deliveries = [], {}
         for active in await journal.load_active():
-            doc = active.doc
-            request = AlertRequest.model_validate(doc["request"])
-            remaining = float(doc["expires_at"]) - now_wall
-            deliveries = {}
-            for code, journalled in active.deliveries.items():
-                d = Delivery(code)
-                if journalled.state == DState.ACKNOWLEDGED.value:
-                    d.state = DState.ACKNOWLEDGED
-                    d.acked_at = 0.0
-                deliveries[code] = d
-            run = self.engine.accept(
-                request,
-                [],
-                alert_id=doc["id"],
-                ebmid=doc["ebmid"],
-                deliveries=deliveries,
-                expires_in_s=max(0.0, remaining),
-                accepted_at=doc["accepted_at"],
-                revision=doc.get("revision", 1),
-                hold=doc.get("state") == AlertState.PENDING_APPROVAL.value,
-            )
+            records.append(_alert_record(active.doc))
+            deliveries[active.alert_id] = [
+                record_from_row(active.alert_id, code, row) for code, row in active.deliveries.items()
+            ]
+        restored = restore(self.core, records, deliveries, now=self.runner.clock(), wall_now=time.time())
+        self.runner.recovered()
+        await self.ingest.recover()
+        for alert in restored:
             log.info(
                 "alert.recovered",
-                alert_id=run.id,
-                acked=run.counts["acked"],
-                targets=len(deliveries),
-                remaining_s=round(remaining, 1),
+                alert_id=alert.id,
+                state=alert.state.value,
+                acked=alert.counts[Bucket.ACKED],
+                targets=alert.targets,
             )
 
     # -- MQTT ------------------------------------------------------------------------------
     def _status_doc(self, state: str) -> bytes:
-        return json.dumps(
-            {"state": state, "version": __version__, "district": self.district.code, "at": time.time()}
-        ).encode()
+        doc: dict[str, Any] = {"state": state, "version": __version__, "district": self.district.code}
+        if state == "online" and self.health.degraded:
+            doc["degraded"] = [self.health.component]
+            doc["reason"] = self.health.reason
+        doc["at"] = time.time()
+        return json.dumps(doc).encode()
+
+    def _on_health(self, degraded: bool, reason: str | None) -> None:
+        """The journal failed or recovered: say so on the status topic at once."""
+        log.log(
+            40 if degraded else 20, "journal.degraded" if degraded else "journal.recovered", reason=reason
+        )
+        if self.link.connected.is_set():
+            self.link.enqueue(self.topics.status, self._status_doc("online"), retain=True)
 
     async def _on_connect(self) -> None:
         self.metrics.mqtt_connects.inc()
         await self.link.publish(self.topics.status, self._status_doc("online"), retain=True)
-        self.engine.republish_all()
+        self.runner.republish_all()
 
     def _on_link_state(self, state: LinkState) -> None:
         self.metrics.mqtt_connected.set(1 if state is LinkState.CONNECTED else 0)
 
     def _on_message(self, topic: str, payload: bytes, retain: bool, properties: Any) -> None:
-        if topic == self.topics.alerts_in:
-            try:
-                self._ingest.put_nowait((topic, payload, properties))
-            except asyncio.QueueFull:
-                self.metrics.dropped.labels("ingest_queue").inc()
-                self._reject(
-                    payload,
-                    IngestError(Reason.UNSUPPORTED, "ingest queue full: ebcd is overloaded, send again"),
-                    properties,
-                )
-            return
         terminal = self.topics.terminal_of(topic)
         if terminal is None:
             self.metrics.unexpected.labels("topic").inc()
@@ -383,122 +403,105 @@ class Daemon:
             return
         try:
             if topic.endswith("/report"):
-                self.engine.on_report(mqtt_codec.decode_report(terminal, payload))
+                report = mqtt_codec.decode_report(terminal, payload)
+                if is_acl_probe(report):
+                    self.metrics.unexpected.labels("acl_probe").inc()
+                elif (why := self.reports.check_report(report, report.signature)) is not None:
+                    self.metrics.unexpected.labels("unverified_report").inc()
+                    log.warning("terminal.report_refused", terminal=terminal, alert_id=report.alert_id,
+                                revision=report.revision, status=report.status.value, why=why)  # fmt: skip
+                else:
+                    self.runner.on_report(report)
             elif topic.endswith("/presence"):
-                self.engine.on_presence(mqtt_codec.decode_presence(terminal, payload))
+                presence = mqtt_codec.decode_presence(terminal, payload)
+                if (why := self.reports.check_presence(presence, presence.signature)) is not None:
+                    self.metrics.unexpected.labels("unverified_presence").inc()
+                    log.warning("terminal.presence_refused", terminal=terminal, state=presence.state.value,
+                                session=presence.session, why=why)  # fmt: skip
+                else:
+                    self.runner.on_presence(presence)
         except CodecError as e:
             self.metrics.unexpected.labels("malformed").inc()
             log.warning("terminal.malformed_message", terminal=terminal, topic=topic, error=str(e))
 
-    def _publish_state(self, run: AlertRun, doc: dict[str, Any]) -> None:
+    def _publish_state(self, alert: Alert, doc: dict[str, Any]) -> None:
         self.link.enqueue(
-            self.topics.alert_state(run.id), json.dumps(doc, ensure_ascii=False).encode(), retain=True
-        )
-        self._docs_dirty[run.id] = alert_doc(run, self.engine.last_seq)
-
-    def _record_transition(
-        self, alert_id: str, terminal: str, state: str, detail: str | None, at: float
-    ) -> None:
-        # Buffered and handed to the journal every JOURNAL_TICK_S: a transaction per tick, not per ack.
-        # A crash loses at most one tick of transitions; those deliveries are re-sent on recovery
-        # and the terminals' de-duplication keeps them from playing twice.
-        self._transitions.append((alert_id, terminal, state, detail, time.time()))
-
-    def _reject(self, payload: bytes, err: IngestError, properties: Any = None) -> None:
-        self.metrics.rejected.labels(err.reason.value).inc()
-        doc = {
-            "reason": err.reason.value,
-            "detail": err.detail,
-            "identifier": err.identifier,
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        }
-        self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
-        self._respond(properties, {"status": "rejected", **doc})
-        log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)
-
-    def _respond(self, properties: Any, doc: dict[str, Any]) -> None:
-        """Answer an MQTT 5 request on its response topic, with its correlation data."""
-        target = response_target(properties)
-        if target is None:
-            return
-        topic, correlation = target
-        if not topic.startswith(self.topics.replies) or len(topic) == len(self.topics.replies):
-            # never let a sender make ebcd publish elsewhere (a command topic, an alert state)
-            self.metrics.unexpected.labels("response_topic").inc()
-            log.warning("ingest.response_topic_refused", topic=topic[:200], allowed=self.topics.replies)
-            return
-        self.link.enqueue(
-            topic,
-            json.dumps(doc, ensure_ascii=False).encode(),
-            properties=response_properties(correlation),
+            self.topics.alert_state(alert.id), json.dumps(doc, ensure_ascii=False).encode(), retain=True
         )
 
-    # -- ingest ----------------------------------------------------------------------------
-    async def _ingest_loop(self) -> None:
-        while True:
-            topic, payload, props = await self._ingest.get()
-            self.metrics.queue_depth.labels("ingest").set(self._ingest.qsize())
-            await self._ingest_one(topic, payload, props)
-
-    async def _ingest_one(self, topic: str, payload: bytes, properties: Any = None) -> None:
-        journal = self.journal
+    async def _probe_report_acl(self) -> None:
+        """Warn at start when anyone may publish terminal reports and nothing checks them."""
+        if self.reports.enabled or not self._mqtt_codes:
+            return
+        host, port, tls = self._broker_addr
         try:
-            row = await journal.record_received(topic, payload, time.time(), source="mqtt")
-        except JournalError as e:
-            err = IngestError(Reason.JOURNAL, f"could not journal the message: {e}")
-            self._reject(payload, err, properties)
+            result = await probe_report_acl(host, port, tls, self.district.code, self._mqtt_codes[0])
+        except AclProbeError as e:
+            log.info("security.acl_probe_failed", error=str(e))
             return
-        try:
-            request = self.admission.parse_upstream(payload)
-            scope = self.upstream.scope(request)
-            run = await self.admission.submit(
-                request, source="mqtt", actor=request.sender or "upstream", scope=scope
+        if result.open:
+            log.warning(
+                "security.reports_unprotected",
+                evidence=result.evidence,
+                hint="an anonymous client may publish terminal reports and no [security] terminal_keys_dir "
+                "is set: anyone on the broker can forge acknowledgements (see the shipped ACL)",
             )
-        except IngestError as e:
-            self._reject(payload, e, properties)
-            await journal.mark_received(
-                row, outcome="rejected", detail=f"{e.reason.value}: {e.detail}", alert_id=None
-            )
-            return
-        await journal.mark_received(row, outcome="accepted", detail=request.msg_type.value, alert_id=run.id)
-        self._respond(
-            properties,
-            {
-                "status": "accepted",
-                "msg_type": request.msg_type.value,
-                "id": run.id,
-                "identifier": request.identifier,
-                "state": run.state.value,
-                "state_topic": self.topics.alert_state(run.id),
-            },
-        )
 
     # -- liveness --------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
         silent_after_s = 3 * self.config.simulator.heartbeat_interval_s + 5
         while True:
             await asyncio.sleep(LIVENESS_SWEEP_S)
-            now = self.engine.clock()
-            for code, live in self.engine.liveness.items():
-                if live.state == "online" and now - live.last_seen > silent_after_s:
-                    live.state = "unknown"
-                    log.info("terminal.silent", terminal=code, silent_s=round(now - live.last_seen))
+            self.runner.sweep(silent_after_s)
+            self.health.check()
             for room, master in self.serial_masters.items():
                 village = self.district.village(room)
                 if not master.connected and village is not None:
-                    self.engine.mark_unknown([t.code for t in village.terminals])
+                    self.runner.terminals_unknown([t.code for t in village.terminals], "serial port down")
             self.metrics.serial_link.set(sum(1 for m in self.serial_masters.values() if m.connected))
+            live = self.core.liveness
             per_town: dict[tuple[str, str], int] = {}
             for term in self.district.terminals():
-                key = (term.town, self.engine.liveness[term.code].state)
+                key = (term.town, live.state(term.code).value)
                 per_town[key] = per_town.get(key, 0) + 1
             for town in self.district.towns:
                 for state in ("unknown", "online", "offline"):
                     self.metrics.town_terminals.labels(town, state).set(per_town.get((town, state), 0))
-            counts = self.engine.liveness_counts()
-            for state, n in counts.items():
+            for state, n in live.counts().items():
                 self.metrics.terminals.labels(state).set(n)
             self.metrics.queue_depth.labels("mqtt_outgoing").set(self.link.queue_depth)
+
+
+def _alert_record(doc: dict[str, Any]) -> AlertRecord:
+    """An alert journalled by an older or newer ebcd: what recovery needs, with safe defaults."""
+    return AlertRecord(
+        alert_id=doc["id"],
+        ebmid=doc["ebmid"],
+        request=doc["request"],
+        revision=int(doc.get("revision", 1)),
+        state=AState(doc.get("state", AState.DISPATCHING.value)),
+        accepted_at=float(doc["accepted_at"]),
+        expires_at=float(doc["expires_at"]),
+        order=int(doc.get("order", 0)),
+        source=str(doc.get("source", "")),
+        actor=str(doc.get("actor", "")),
+        reason=doc.get("reason"),
+        closed=bool(doc.get("closed", doc.get("final", False))),
+    )
+
+
+def _signer(config: Config) -> Any:
+    sec = config.security
+    signer = None if sec.scheme == "none" else signer_from(sec.private_key, sec.scheme, config.base_dir)
+    if signer is None:
+        log.warning("security.unsigned_commands", hint="terminals that check signatures will refuse them")
+    elif sec.private_key == BENCH:
+        log.warning(
+            "security.bench_key",
+            scheme=sec.scheme,
+            hint="the published test-bench key: generate your own with ebcd keys generate",
+        )
+    return signer
 
 
 def _read_secret(path: str | None, base: Path) -> str | None:

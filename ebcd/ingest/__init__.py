@@ -31,6 +31,8 @@ class Reason(StrEnum):
     NOT_ALLOWED = "not_allowed"
     JOURNAL = "journal"  # could not be journalled durably, so it was not accepted
     BAD_SIGNATURE = "bad_signature"  # XML-DSig missing or failed for a sender that signs
+    RETAINED = "retained"  # a retained message on alerts/in: replayed by the broker at every subscribe
+    OVERLOADED = "overloaded"  # more messages waiting to be judged than `ingest_queue_size`
 
 
 class IngestError(Exception):

@@ -78,7 +78,8 @@ class PolygonTarget(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["polygon"] = "polygon"
-    points: list[tuple[float, float]] = Field(min_length=4, max_length=10_000)
+    # real feeds draw warning areas with 41,009 points; geometry is vectorised (ebcd.tiers.geo)
+    points: list[tuple[float, float]] = Field(min_length=4, max_length=100_000)
 
     @field_validator("points")
     @classmethod

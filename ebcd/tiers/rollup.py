@@ -14,9 +14,10 @@ class Tally:
     failed: int = 0
     uncertain: int = 0
     pending: int = 0
+    cancelled: int = 0
 
     def add(self, bucket: str) -> None:
-        """Count one terminal whose delivery is in `bucket` (acked/failed/uncertain/pending)."""
+        """Count one terminal whose delivery is in `bucket` (acked/failed/uncertain/pending/cancelled)."""
         self.targets += 1
         if bucket == "acked":
             self.acked += 1
@@ -24,6 +25,8 @@ class Tally:
             self.failed += 1
         elif bucket == "uncertain":
             self.uncertain += 1
+        elif bucket == "cancelled":
+            self.cancelled += 1
         else:
             self.pending += 1
 
@@ -40,5 +43,6 @@ class Tally:
             "failed": self.failed,
             "uncertain": self.uncertain,
             "pending": self.pending,
+            "cancelled": self.cancelled,
             "coverage": self.coverage,
         }

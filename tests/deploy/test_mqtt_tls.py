@@ -277,7 +277,7 @@ async def test_an_alert_over_tls_with_credentials_reaches_every_terminal(
         # Births are accepted only from a terminal logged in under its own code (the ACL's %u).
         await wait_online(daemon, len(terminals), timeout_s=20)
         run = await daemon.submit(_alert(own, shared), source="test", actor="pytest")
-        state = await settle(daemon, run.id, timeout_s=30)
+        state = await settle(daemon, run.id, timeout_s=30, until="completed")
         plays = fleet.plays()
     n = len(terminals)
     assert (state["state"], state["targets"], state["acked"], state["coverage"]) == ("completed", n, n, 1.0)
@@ -306,7 +306,7 @@ async def test_a_daemon_that_does_not_trust_the_ca_never_connects_and_keeps_tryi
                 await wait_for(daemon.ready.is_set, 20)
                 run = await daemon.submit(_alert(own), source="test", actor="pytest")
                 await wait_for(lambda: len(failures()) >= 3, 15)  # it keeps trying
-                state = run.state_doc(district, daemon.engine.clock())
+                state = run.state_doc(district, daemon.runner.clock())
                 connects = daemon.link.connects
             finally:
                 daemon.stop()

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client import Info
 from prometheus_client.metrics import MetricWrapperBase
 
-from ebcd.alert_run import AlertState
+from ebcd.delivery.state import AState as AlertState
 from ebcd.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

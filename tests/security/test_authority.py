@@ -142,7 +142,7 @@ async def test_an_unlisted_senders_cap_is_refused_and_journalled(
     assert isinstance(refusal, dict)
     assert refusal["reason"] == "not_allowed"
     assert "'prankster@example.com' is not a listed upstream sender" in refusal["detail"]
-    assert not daemon.engine.runs
+    assert not daemon.runner.alerts
     (received,) = await daemon.journal.list_received(1)
     assert received.payload == document  # the raw bytes, as upstream sent them
     assert received.outcome == "rejected"
@@ -174,7 +174,7 @@ async def test_a_listed_sender_that_signs_is_refused_without_a_good_signature(
     assert "digest" in outcomes[0]["detail"]
     assert isinstance(outcomes[1], dict)
     assert "no <ds:Signature>" in outcomes[1]["detail"]
-    (run,) = daemon.engine.runs.values()
+    (run,) = daemon.runner.alerts.values()
     assert run.request.identifier == "C-1"
     assert {t.town for t in map(daemon.district.terminal, run.deliveries) if t} == {TOWN_ROOM}
     verdicts = [r.outcome for r in reversed(await daemon.journal.list_received(5))]
@@ -228,8 +228,8 @@ async def test_only_the_sender_of_an_alert_may_update_or_cancel_it(
     assert isinstance(refused, dict)
     assert refused["reason"] == "not_allowed"
     assert f"was sent by '{CITY}'; only its sender may update or cancel it" in refused["detail"]
-    await wait_for(lambda: any(r.state.value == "cancelled" for r in daemon.engine.runs.values()), 10)
-    states = {r.request.identifier: r.state.value for r in daemon.engine.runs.values()}
+    await wait_for(lambda: any(r.state.value == "cancelled" for r in daemon.runner.alerts.values()), 10)
+    states = {r.request.identifier: r.state.value for r in daemon.runner.alerts.values()}
     assert states["P-10"] == "cancelled"
     assert states["C-10"] != "cancelled"
 
@@ -323,17 +323,17 @@ async def test_a_town_operator_alerts_its_own_town_only(
         assert (refused["ok"], refused["error"]) == (False, "not_allowed")
         assert "杭埠镇值班" in refused["message"]
         assert "own area" in refused["message"]
-        assert not daemon.engine.runs
+        assert not daemon.runner.alerts
 
         own = await town.request("send", alert=_alert(f"town:{TOWN_ROOM}"))
         assert own["ok"], own
-        run = daemon.engine.runs[own["id"]]
+        run = daemon.runner.alerts[own["id"]]
         assert (run.request.origin, run.request.origin_room) == (Origin.TOWN, TOWN_ROOM)  # a town broadcast
         assert len(run.deliveries) == len(list(district.towns[TOWN_ROOM].terminals()))
 
         district_wide = await duty.request("send", alert=_alert("all"))
         assert district_wide["ok"], district_wide
-        assert daemon.engine.runs[district_wide["id"]].request.origin is Origin.DISTRICT
+        assert daemon.runner.alerts[district_wide["id"]].request.origin is Origin.DISTRICT
 
         # the town room may not cancel the district's alert; the district may cancel the town's
         cancel = await town.request("cancel", id=district_wide["id"])
@@ -360,7 +360,7 @@ async def test_a_village_operator_and_an_unknown_token(
         assert (town["ok"], town["error"]) == (False, "not_allowed")
         own = await keeper.request("send", alert=_alert(f"village:{village_code}"))
         assert own["ok"], own
-        assert daemon.engine.runs[own["id"]].request.origin is Origin.VILLAGE
+        assert daemon.runner.alerts[own["id"]].request.origin is Origin.VILLAGE
 
         stranger = ControlClient(tmp_path / SOCKET_NAME, token="guessed")
         answer = await stranger.request("send", alert=_alert(f"village:{village_code}"))
@@ -368,7 +368,7 @@ async def test_a_village_operator_and_an_unknown_token(
         assert "token matches no [[operators]] entry" in answer["message"]
         # reading needs no authority beyond the socket's permissions
         assert (await stranger.request("list"))["ok"]
-        assert len(daemon.engine.runs) == 1
+        assert len(daemon.runner.alerts) == 1
 
 
 async def test_the_cli_presents_a_token_and_a_refusal_exits_2(
@@ -395,7 +395,7 @@ async def test_the_cli_presents_a_token_and_a_refusal_exits_2(
         assert "村广播员" in out
         code, out = await ebcd(*send, "--target", f"village:{village_code}")
         assert code == 0, out
-        (run,) = daemon.engine.runs.values()
+        (run,) = daemon.runner.alerts.values()
         assert run.actor == f"{ME} (token)"
         assert run.request.origin_room == village_code
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ebcd.alert_run import AlertRun
 from ebcd.config import Config
-from ebcd.delivery import DState
+from ebcd.delivery.alerts import Alert
+from ebcd.delivery.state import DState
 from ebcd.model.alert import AlertRequest, parse_target
 from ebcd.protocols.messages import PlayCommand
 from ebcd.protocols.mqtt import codec as mqtt_codec
@@ -31,7 +31,7 @@ from ebcd.security.replay import quantize_command, sign_command
 from ebcd.security.signing import Ed25519SigningKey, Signer
 from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
-from tests.helpers import mqtt_client, running_daemon, running_fleet, settle, wait_for
+from tests.helpers import mqtt_client, running_daemon, running_fleet, settle, wait_for, wait_online
 from tests.serial_tap import serial_tap
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def _causes(report: dict[str, object]) -> set[str]:
     return {p["cause"] for p in report["problems"]}  # type: ignore[index, union-attr]
 
 
-def _stale_command(run: AlertRun, seq: int) -> PlayCommand:
+def _stale_command(run: Alert, seq: int) -> PlayCommand:
     """A command for the live alert, correctly signed with ebcd's (bench) key, but an hour old."""
     old = quantize_command(
         PlayCommand(run.id, run.ebmid, 1, seq, 1, "11B03", "伪造", 600.0, issued_at=time.time() - 3600)
@@ -78,6 +78,7 @@ async def test_wrongly_signed_commands_are_refused_on_both_links(
             config, district, terminals, mosquitto.host, mosquitto.port, verifier=stranger
         ) as fleet,
     ):
+        await wait_online(daemon, len(terminals))  # the serial room's bus is open and polled
         run = await daemon.submit(
             _alert(f"village:{mqtt_village.code}", f"village:{serial_village.code}"),
             source="test",
@@ -85,7 +86,9 @@ async def test_wrongly_signed_commands_are_refused_on_both_links(
         )
         state = await settle(daemon, run.id, timeout_s=30)
         assert (state["state"], state["acked"]) == ("partial", 0)
-        assert all(d.state is DState.REFUSED for d in run.deliveries.values())
+        assert all(d.state is DState.REFUSED for d in run.deliveries.values()), [
+            (d.state.value, d.cause) for d in run.deliveries.values() if d.state is not DState.REFUSED
+        ]
         report = daemon.control.report(run)
         assert _causes(report) == {"signature: unknown_key"}
         assert {p["terminal"] for p in report["problems"]} == {t.code for t in terminals}
@@ -139,24 +142,27 @@ async def test_replayed_and_stale_commands_are_refused_and_reported(
         mqtt_client(mosquitto.host, mosquitto.port, topics.group_cmd(village.code)) as (client, seen),
     ):
         run = await daemon.submit(_alert(f"village:{village.code}"), source="test", actor="pytest")
-        assert (await settle(daemon, run.id))["state"] == "completed"  # signed by ebcd: obeyed
+        assert (await settle(daemon, run.id, until="completed"))[
+            "state"
+        ] == "completed"  # signed by ebcd: obeyed
         await wait_for(lambda: bool(seen), 5)
         captured = next(body for _t, body in seen if body and body.get("op") == "play")
 
         # stale: a correctly signed command issued an hour ago, for the live alert
-        stale = _stale_command(run, daemon.engine.last_seq + 10)
+        stale = _stale_command(run, daemon.runner.last_seq + 10)
         await client.publish(topics.group_cmd(village.code), mqtt_codec.encode_command(stale), qos=1)
         await wait_for(lambda: {t for t, c in run.refusals if c == "stale"} == codes, 10)
 
         # replayed: ebcd's own command, captured off the broker, sent again after the alert was cancelled
-        daemon.engine.cancel(run.id, "over")
+        await daemon.runner.cancel(run.id, "over")
         await wait_for(lambda: all(run.id in s.behaviour.stopped for s in fleet.terminals), 10)
         await client.publish(topics.group_cmd(village.code), json.dumps(captured).encode(), qos=1)
         await wait_for(lambda: {t for t, c in run.refusals if c == "replayed"} == codes, 10)
         report = daemon.control.report(run)
         assert {r["cause"] for r in report["refusals"]} == {"stale", "replayed"}
         assert all(n == 1 for n in fleet.plays().values())  # nothing played twice
-        assert all(d.state is DState.CANCELLED for d in run.deliveries.values())
+        assert run.state.value == "cancelled"
+        assert all(d.acked and d.finished for d in run.deliveries.values())  # the cancel rewrote nothing
         await asyncio.sleep(0)
 
 
@@ -186,7 +192,9 @@ async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_a
     ):
         (bus,) = fleet.buses
         run = await daemon.submit(_alert(f"village:{village.code}"), source="test", actor="pytest")
-        assert (await settle(daemon, run.id, timeout_s=30))["state"] == "completed"  # signed by ebcd: obeyed
+        assert (await settle(daemon, run.id, timeout_s=30, until="completed"))[
+            "state"
+        ] == "completed"  # signed by ebcd: obeyed
         start = next(
             f for f in tap.to_bus.frames if isinstance(f.body, BroadcastStart) and f.body.alert_id == run.id
         )
@@ -194,7 +202,7 @@ async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_a
         captured = tap.captured(start)  # the bytes of ebcd's own command, as they crossed the line
 
         # stale: a correctly signed command issued an hour ago, for the live alert, to the whole bus
-        stale = _stale_command(run, daemon.engine.last_seq + 10)
+        stale = _stale_command(run, daemon.runner.last_seq + 10)
         forged = Frame(
             village.code, tuple(sorted(codes)), command_body(stale), 0x5EED, signature=stale.signature
         )
@@ -202,7 +210,7 @@ async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_a
         await wait_for(lambda: {t for t, c in run.refusals if c == "stale"} == codes, 10)
 
         # replayed: ebcd's own frame, captured on the line, sent again after the alert was cancelled
-        daemon.engine.cancel(run.id, "over")
+        await daemon.runner.cancel(run.id, "over")
         await tap.until(lambda: _results(tap.from_bus.frames, run.id, ResultStatus.STOPPED) == codes, 10)
         await tap.inject(captured)
         await wait_for(lambda: {t for t, c in run.refusals if c == "replayed"} == codes, 10)
@@ -218,7 +226,8 @@ async def test_stale_and_replayed_frames_injected_on_a_serial_line_are_refused_a
         )
         assert all(n == 1 for n in fleet.plays().values())  # nothing played twice
         assert len(fleet.plays()) == len(codes)
-        assert all(d.state is DState.CANCELLED for d in run.deliveries.values())
+        assert run.state.value == "cancelled"
+        assert all(d.acked and d.finished for d in run.deliveries.values())  # the cancel rewrote nothing
 
 
 def _results(frames: list[Frame], alert_id: str, status: ResultStatus, cause: str | None = None) -> set[str]:

@@ -21,6 +21,7 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = structlog.get_logger("ebcd.mqtt")
 
@@ -78,6 +79,9 @@ def response_target(properties: Any) -> tuple[str, bytes | None] | None:
 
 
 MessageHandler = Callable[[str, bytes, bool, Any], None]  # topic, payload, retain, properties
+Ack = Callable[[], None]
+# topic, payload, retain, properties, ack: the broker is told the message arrived only by ack()
+HeldMessageHandler = Callable[[str, bytes, bool, Any, Ack], None]
 
 
 class MqttLink:
@@ -91,6 +95,8 @@ class MqttLink:
         client_id: str,
         subscriptions: Sequence[str] = (),
         on_message: MessageHandler | None = None,
+        held_topics: Sequence[str] = (),
+        on_held_message: HeldMessageHandler | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         will: Callable[[], Will | None] | None = None,
         tls: bool = False,
@@ -111,6 +117,10 @@ class MqttLink:
         self._host, self._port, self._client_id = host, port, client_id
         self._subscriptions = list(subscriptions)
         self._on_message = on_message
+        # messages on these topics are acknowledged (PUBACK) only when their handler calls ack(),
+        # so that a broker redelivers what was never kept; every other message after its handler
+        self._held = frozenset(held_topics)
+        self._on_held = on_held_message
         self._on_connect = on_connect
         self._will = will
         self._tls, self._username, self._password = tls, username, password
@@ -211,7 +221,7 @@ class MqttLink:
             }
         else:
             session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": self._clean_session}
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._host,
             self._port,
             identifier=self._client_id,
@@ -224,6 +234,9 @@ class MqttLink:
             max_inflight_messages=max(20, self._workers),
             timeout=10,
         )
+        if self._held:
+            _ack_unheld_at_once(client, self._held)
+        return client
 
     async def run(self) -> None:
         """Connect, serve and reconnect until cancelled."""
@@ -299,17 +312,26 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         handler = self._on_message
+        manual = bool(self._held)
         async for message in client.messages:
-            if handler is None:
-                continue
-            payload = message.payload
-            if isinstance(payload, str):
-                data = payload.encode()
-            elif isinstance(payload, bytes | bytearray):
-                data = bytes(payload)
-            else:
-                data = b"" if payload is None else str(payload).encode()
-            handler(message.topic.value, data, message.retain, message.properties)
+            held = manual and message.topic.value in self._held and self._on_held is not None
+            if held or handler is not None:
+                self._hand_over(client, message, held=held)
+
+    def _hand_over(self, client: aiomqtt.Client, message: aiomqtt.Message, *, held: bool) -> None:
+        payload = message.payload
+        if isinstance(payload, str):
+            data = payload.encode()
+        elif isinstance(payload, bytes | bytearray):
+            data = bytes(payload)
+        else:
+            data = b"" if payload is None else str(payload).encode()
+        topic = message.topic.value
+        if held and self._on_held is not None:
+            paho, mid, qos = client._client, message.mid, message.qos
+            self._on_held(topic, data, message.retain, message.properties, lambda: _ack(paho, mid, qos))
+        elif self._on_message is not None:
+            self._on_message(topic, data, message.retain, message.properties)
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         me = asyncio.current_task()
@@ -358,3 +380,119 @@ def _stay_cancelled(error: aiomqtt.MqttError) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from error
+
+
+def _ack(paho: Any, mid: int, qos: int) -> None:
+    """PUBACK a held message (a no-op for QoS 0, and harmless once the connection is gone)."""
+    if qos:
+        paho.ack(mid, qos)
+
+
+# -- a one-off probe of the broker's rules (ebcd.security.acl_probe) ---------------------------
+
+# CONNACK reason codes that refuse a login: bad user name or password, not authorized, banned, bad
+# authentication method (paho gives MQTT 3.1.1's return codes 4 and 5 as 0x86 and 0x87)
+CONNACK_LOGIN_REFUSED = frozenset({0x86, 0x87, 0x8A, 0x8C})
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswer:
+    """What the broker did with one QoS 1 publish of a throwaway anonymous client."""
+
+    protocol: Literal["5", "3.1.1"]
+    login_refused: bool = False  # the CONNACK refused the anonymous login: nothing was published
+    puback_reason: int | None = None  # MQTT 5: the PUBACK's reason code (>= 0x80: refused)
+    echoed: bool = False  # the message came back on the client's own subscription to the topic
+    detail: str = ""
+
+
+async def probe_publish(
+    host: str,
+    port: int,
+    *,
+    topic: str,
+    payload: bytes,
+    tls_context: ssl.SSLContext | None = None,
+    protocol: Literal["5", "3.1.1"] = "5",
+    timeout_s: float = 5.0,
+) -> ProbeAnswer:
+    """Log in anonymously (clean session, random client id), subscribe to `topic`, publish `payload`
+    on it at QoS 1, wait up to `timeout_s` for it to come back, leave; ConnectionError if the broker
+    cannot be reached or does not complete the handshake (as a broker without MQTT 5 may not)."""
+    session: dict[str, Any] = (
+        {"protocol": aiomqtt.ProtocolVersion.V5, "clean_start": True}
+        if protocol == "5"
+        else {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": True}
+    )
+    client = aiomqtt.Client(
+        host,
+        port,
+        identifier=f"ebcd-acl-probe-{random.getrandbits(48):012x}",
+        keepalive=max(5, int(timeout_s) * 2),
+        tls_context=tls_context,
+        timeout=timeout_s,
+        **session,
+    )
+    reasons: list[int] = []
+    paho = client._client
+    on_publish: Any = paho.on_publish  # aiomqtt's, which completes its publish()
+
+    def note_puback(c: Any, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        reasons.append(reason.value)
+        on_publish(c, userdata, mid, reason, properties)
+
+    paho.on_publish = note_puback
+    try:
+        await client.__aenter__()
+    except aiomqtt.MqttCodeError as e:
+        _stay_cancelled(e)
+        _abandon(client)
+        if isinstance(e.rc, ReasonCode) and e.rc.value in CONNACK_LOGIN_REFUSED:
+            return ProbeAnswer(protocol, login_refused=True, detail=f"anonymous login refused: {e}")
+        raise ConnectionError(f"MQTT {protocol} CONNECT failed: {e}") from None
+    except aiomqtt.MqttError as e:
+        _stay_cancelled(e)
+        _abandon(client)
+        raise ConnectionError(f"MQTT {protocol}: {e}") from None
+    try:
+        await client.subscribe(topic, qos=1, timeout=timeout_s)
+        await client.publish(topic, payload, qos=1, timeout=timeout_s)
+        reason = reasons[0] if reasons and protocol == "5" else None
+        if reason is not None and reason >= 0x80:
+            return ProbeAnswer(protocol, puback_reason=reason, detail=f"PUBACK reason 0x{reason:02X}")
+        echoed = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in client.messages:
+                    if message.topic.value == topic and message.payload == payload:
+                        echoed = True
+                        break
+        except TimeoutError:
+            pass
+        what = "came back" if echoed else f"did not come back within {timeout_s:g} s"
+        return ProbeAnswer(protocol, puback_reason=reason, echoed=echoed, detail=f"the publish {what}")
+    except aiomqtt.MqttError as e:  # e.g. a broker that closes the connection of a refused publish
+        _stay_cancelled(e)
+        return ProbeAnswer(protocol, detail=f"connection lost while probing: {e}")
+    finally:
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_TIMEOUT_S)
+        except (TimeoutError, aiomqtt.MqttError):
+            _abandon(client)
+
+
+def _ack_unheld_at_once(client: aiomqtt.Client, held: frozenset[str]) -> None:
+    """Manual PUBACKs for the held topics only: every other message is acknowledged as it is read
+    off the socket, as paho would, not when our loop gets to it. Otherwise a busy loop would fill
+    the broker's in-flight window with acknowledgements not yet sent, and it would stop sending."""
+    paho = client._client
+    paho.manual_ack_set(True)
+    inner = paho.on_message
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        if inner is not None:
+            inner(c, userdata, message)
+        if message.qos and message.topic not in held:
+            c.ack(message.mid, message.qos)
+
+    paho.on_message = on_message

@@ -11,9 +11,9 @@ import structlog
 
 from ebcd.admission.admission import Admission
 from ebcd.admission.schedule import TestOutcome, due, previous_fire
-from ebcd.alert_run import AlertState
 from ebcd.config import Config
-from ebcd.engine import Engine
+from ebcd.delivery.runner import Runner
+from ebcd.delivery.state import AState, Bucket
 from ebcd.ingest import IngestError
 from ebcd.metrics import Metrics
 
@@ -25,9 +25,9 @@ TEST_SCHEDULE_TICK_S = 1.0
 class Scheduler:
     """Runs the enabled test broadcasts of the config and keeps their outcomes by alert id."""
 
-    def __init__(self, *, config: Config, engine: Engine, admission: Admission, metrics: Metrics) -> None:
+    def __init__(self, *, config: Config, runner: Runner, admission: Admission, metrics: Metrics) -> None:
         self.config = config
-        self.engine = engine
+        self.runner = runner
         self.admission = admission
         self.metrics = metrics
         self.wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -54,11 +54,11 @@ class Scheduler:
                 watching[run.id] = previous_fire(spec, now)
                 log.info("test_broadcast.sent", alert_id=run.id, schedule=i, targets=len(run.deliveries))
             for alert_id, slot in list(watching.items()):
-                run = self.engine.runs[alert_id]
-                if run.state in (AlertState.DISPATCHING, AlertState.PENDING_APPROVAL):
+                run = self.runner.alerts[alert_id]
+                if run.state in (AState.DISPATCHING, AState.PENDING_APPROVAL):
                     continue
                 del watching[alert_id]
-                acked = [t for t, d in run.deliveries.items() if d.bucket == "acked"]
+                acked = [t for t, d in run.deliveries.items() if d.bucket is Bucket.ACKED]
                 outcome = TestOutcome.of(alert_id, run.deliveries, acked, slot)
                 self.outcomes[alert_id] = outcome
                 self.metrics.missed_tests.set(len(outcome.missed))

@@ -7,7 +7,6 @@ the terminals' own topics.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import structlog
@@ -16,8 +15,6 @@ from ebcd.metrics import Metrics
 from ebcd.protocols.messages import Command
 from ebcd.protocols.mqtt.codec import Topics, encode_command
 from ebcd.protocols.mqtt.link import MqttLink
-from ebcd.protocols.serial.bus import BusClosedError, SerialBusMaster
-from ebcd.protocols.serial.frame import FrameError
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 
@@ -76,53 +73,3 @@ class MqttTransport:
                     rooms.append(v.code)
                     covered.update(v_mqtt)
         return rooms, [t for t in terminals if t.code not in covered]
-
-
-class SerialTransport:
-    """Commands to serial rooms: one bus master per village room's port."""
-
-    name = "serial"
-
-    def __init__(self, masters: dict[str, SerialBusMaster], metrics: Metrics) -> None:
-        self._masters = masters  # room code -> its bus master
-        self._metrics = metrics
-        self._jobs: set[asyncio.Task[None]] = set()
-
-    def send(self, cmd: Command, terminals: Sequence[Terminal], *, first: bool) -> None:
-        """Queue `cmd` on the bus of each room; the bus master reports every answer itself."""
-        by_room: dict[str, list[str]] = {}
-        for t in terminals:
-            by_room.setdefault(t.room, []).append(t.code)
-        for room, codes in by_room.items():
-            master = self._masters.get(room)
-            if master is None:
-                log.error("serial.no_bus", room=room, terminals=len(codes))
-                continue
-            task = asyncio.create_task(self._dispatch(master, cmd, codes), name=f"serial-{room}")
-            self._jobs.add(task)
-            task.add_done_callback(self._jobs.discard)
-            self._metrics.commands.labels("serial").inc()
-
-    async def _dispatch(self, master: SerialBusMaster, cmd: Command, codes: list[str]) -> None:
-        try:
-            outcome = await master.dispatch(cmd, codes)
-        except BusClosedError as e:
-            log.warning("serial.bus_closed", alert_id=cmd.alert_id, port=master.url, error=str(e))
-            return
-        except FrameError as e:  # a command the frame format cannot carry: our bug, never silent
-            log.error("serial.cannot_encode", alert_id=cmd.alert_id, port=master.url, error=str(e))
-            self._metrics.dropped.labels("serial_encode").inc()
-            return
-        if outcome.unanswered:
-            log.info(
-                "serial.unanswered",
-                alert_id=cmd.alert_id,
-                port=master.url,
-                terminals=list(outcome.unanswered),
-            )
-
-    async def close(self) -> None:
-        """Cancel the dispatches still queued."""
-        for task in list(self._jobs):
-            task.cancel()
-        await asyncio.gather(*self._jobs, return_exceptions=True)
