@@ -176,7 +176,7 @@ async def test_flapping_terminals_end_with_exact_coverage(
             assert (state["acked"], state["targets"], state["coverage"]) == (769, 769, 1.0)
             assert sum(t["acked"] for t in state["towns"].values()) == 769
         plays = fleet.plays()
-        assert all(n == 1 for n in plays.values())
+        assert all(n == 1 for n in plays.values()), {k: n for k, n in plays.items() if n != 1}
         assert {code for (code, a, _r) in plays if a == runs[0].id} >= flappers
 
 
