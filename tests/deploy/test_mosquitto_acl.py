@@ -458,7 +458,7 @@ def test_ebcd_session_survives_a_broker_restart(broker: Mosquitto, tmp_path: Pat
     made: list[Client] = []
     try:
         # Like the daemon on an MQTT 3.1.1 broker: a fixed client id, clean_session false (over
-        # MQTT 5 the daemon's session never expires; tests/test_resilience.py runs it on this).
+        # MQTT 5 the daemon's session never expires; tests/e2e/test_resilience.py runs it on this).
         ebcd_id = unique("ebcd")
         ebcd = Client(server, "ebcd", v5=False, client_id=ebcd_id, clean=False)
         made.append(ebcd)

@@ -29,7 +29,7 @@ from ebcd.journal.journal import (
     Transition,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TERMINALS = 769
 WAIT_S = 60.0
 
