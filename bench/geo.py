@@ -35,32 +35,12 @@ from ebcd.tiers.district import District
 from ebcd.tiers.loader import load_district
 from ebcd.tiers.terminal import Terminal
 from ebcd.tiers.town import Town
+from tests.tiers.test_geo import pure_distance_km, pure_in_polygon  # the frozen reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (10, 1_000, 10_000, 40_000)
 GENERATED = 10_000
 OLD_BUDGET_S = 2.0  # without --full, the most one old measurement may take before it is sampled
-
-
-def pure_in_polygon(lat: float, lon: float, points: Sequence[tuple[float, float]]) -> bool:
-    """The old point-in-polygon test, verbatim (what `District.resolve` looped over)."""
-    inside = False
-    n = len(points)
-    for i in range(n - 1):
-        (y1, x1), (y2, x2) = points[i], points[i + 1]
-        if (y1 > lat) != (y2 > lat):
-            x_cross = x1 + (lat - y1) * (x2 - x1) / (y2 - y1)
-            if lon < x_cross:
-                inside = not inside
-    return inside
-
-
-def pure_distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """The old haversine, verbatim."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * 6371.0088 * math.asin(math.sqrt(a))
 
 
 def old_resolve(terminals: Sequence[Terminal], target: PolygonTarget | CircleTarget) -> tuple[Terminal, ...]:

@@ -82,6 +82,7 @@ from ebcd.security.signing import (
     load_signer,
     load_verifier,
     parse_signature,
+    write_new_key_file,
 )
 
 CANONICAL_VERSION = 1
@@ -313,8 +314,9 @@ def generate_terminal_keys(
             raise KeyFileError(f"{folder}: cannot create the key folder: {exc.strerror}") from None
     for code in wanted:
         key: SigningKey = Sm2SigningKey.generate() if checked == "sm2" else Ed25519SigningKey.generate()
-        _write_new(private_dir / f"{code}{PRIVATE_SUFFIX}", key.file_text(serial), PRIVATE_KEY_MODE)
-        _write_new(public_dir / f"{code}{PUBLIC_SUFFIX}", key.public_key().file_text(serial), PUBLIC_KEY_MODE)
+        write_new_key_file(private_dir / f"{code}{PRIVATE_SUFFIX}", key.file_text(serial), PRIVATE_KEY_MODE)
+        public = key.public_key().file_text(serial)
+        write_new_key_file(public_dir / f"{code}{PUBLIC_SUFFIX}", public, PUBLIC_KEY_MODE)
     return public_dir, private_dir
 
 
@@ -341,15 +343,3 @@ def _check_dir(directory: Path, what: str) -> None:
             f"{directory}: {what} has mode {mode:04o}, writable by group or others; "
             f"run `chmod go-w {directory}`"
         )
-
-
-def _write_new(path: Path, text: str, mode: int) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        raise KeyFileError(f"{path} exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot create: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.fchmod(f.fileno(), mode)  # the umask may have taken bits away (from a public key)
-        f.write(text)

@@ -436,8 +436,8 @@ def generate_keypair(directory: str | os.PathLike[str], scheme: str, serial: int
                 f"{path} exists; refusing to overwrite a key: move it away or pick another serial"
             )
     key: SigningKey = Sm2SigningKey.generate() if scheme == "sm2" else Ed25519SigningKey.generate()
-    _write_new(private_path, key.file_text(serial), PRIVATE_KEY_MODE)
-    _write_new(public_path, key.public_key().file_text(serial), PUBLIC_KEY_MODE)
+    write_new_key_file(private_path, key.file_text(serial), PRIVATE_KEY_MODE)
+    write_new_key_file(public_path, key.public_key().file_text(serial), PUBLIC_KEY_MODE)
     return private_path, public_path
 
 
@@ -450,7 +450,8 @@ def _pem_text(serial: str, pem: bytes) -> str:
     return f"ebcd-scheme: ed25519\nebcd-serial: {serial}\n{pem.decode()}"
 
 
-def _write_new(path: Path, text: str, mode: int) -> None:
+def write_new_key_file(path: Path, text: str, mode: int) -> None:
+    """Create a key file with `mode` (never overwriting one), durably; KeyFileError otherwise."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
