@@ -241,12 +241,19 @@ class SimulatedTerminal:
     def _start(self, start: BroadcastStart, now: float) -> None:
         key = (start.alert_id, start.revision)
         known = self._tasks.get(key)
+        played_out = (
+            known is not None
+            and known.refused is None
+            and known.stopped_seq is None
+            and now >= known.started_at + self.play_time_s
+        )
         if (
             known is not None
             and known.refused is None
-            and not (start.resume and start.seq != known.start.seq)
+            and (not (start.resume and start.seq != known.start.seq) or played_out)
         ):
-            # a re-sent copy: never play twice; a resume (a new command) plays a pre-empted broadcast again
+            # a re-sent copy: never play twice; a resume (a new command) plays a pre-empted broadcast
+            # again, never one played to the end (its result says done)
             self._log.debug("sim.duplicate_start", alert_id=start.alert_id, revision=start.revision)
             return
         task = _Task(start, now)

@@ -21,6 +21,8 @@ from ebcd.delivery.records import AlertRecord, DeliveryRecord, Play, Transition
 from ebcd.delivery.state import AState, DEvent, DState, Progress
 from ebcd.model.alert import AlertRequest
 
+RESTORED_PLAY_HOLD_S = 30.0  # how long a rebuilt, still-playing broadcast keeps its terminal
+
 
 def delivery_row(t: Transition, wall_at: float) -> dict[str, Any]:
     """The journal row (`Journal.record_delivery`) of a transition: the delivery's whole state."""
@@ -125,12 +127,15 @@ def _timer(alert: Alert, d: Delivery, retry: bool, now: float, core: Core) -> fl
     if d.state is DState.UNCERTAIN:
         return now if retry else None
     if d.state is DState.ACKNOWLEDGED and retry and not d.finished and d.progress is not Progress.STOPPED:
-        return now + core.policy.max_play_s  # it held its terminal: still playing, as far as we know
+        # it held its terminal: maybe still playing, maybe its `done` was the last thing a crash
+        # lost; hold it a little, not `max_play_s`, or every waiter behind it stalls for minutes
+        return now + min(core.policy.max_play_s, RESTORED_PLAY_HOLD_S)
     return None
 
 
 def resend_in_flight(core: Core) -> list[Play]:
-    """Play effects for every attempt in flight after a restore (the state does not change)."""
+    """Play effects for every attempt in flight, and every broadcast that was playing, after a
+    restore (the state does not change)."""
     plays: dict[tuple[str, int, bool], list[str]] = {}
     for alert in core.alerts.values():
         if alert.closed or alert.state is AState.PENDING_APPROVAL:
@@ -139,6 +144,12 @@ def resend_in_flight(core: Core) -> list[Play]:
             # an attempt that lost its terminal (it went away, another broadcast took it) asks again
             # when its timer runs out: re-sending it now would play it over the holder's
             holder = core.holders.holder_of(d.terminal)
-            if d.state is DState.SENT and not d.finished and holder == alert.id:
+            if d.finished or holder != alert.id:
+                continue
+            if d.state is DState.SENT:
                 plays.setdefault((alert.id, alert.revision, d.resume), []).append(d.terminal)
+            elif d.state is DState.ACKNOWLEDGED and d.due is not None:
+                # playing when the daemon died, or its `done` was lost with it: a copy (never a
+                # resume) is answered `done` by a terminal that finished, and is not played twice
+                plays.setdefault((alert.id, alert.revision, False), []).append(d.terminal)
     return [Play(a, rev, tuple(codes), resume, first=False) for (a, rev, resume), codes in plays.items()]

@@ -172,7 +172,9 @@ def test_a_rebuild_gives_a_terminal_to_what_it_plays_not_to_an_attempt_that_outl
     rig.report("T0", "B", AckStatus.PLAYING)  # the room is back: T0 plays B
     resent = rig.restart()
     assert rig.core.holders.holder_of("T0") == "B"
-    assert plays(resent) == []  # A is not re-sent over B: it asks again when its timer runs out
+    # A is not re-sent over B (it asks again when its timer runs out); B, which was playing, gets a
+    # copy, answered `done` by a terminal whose `done` the crash lost, and never played twice
+    assert plays(resent) == [("B", ("T0",), False)]
 
 
 def test_a_returning_terminal_is_asked_for_by_priority_and_gets_one_command() -> None:
