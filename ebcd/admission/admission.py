@@ -9,9 +9,10 @@ the journal on recovery.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -222,18 +223,8 @@ class Admission:
         )
         terminals = self._resolve(merged)
         scope.check(terminals, request.identifier, "alert")
-        try:
+        with _refused_as(request, "update", f"alert {run.id} cannot be updated ({run.state.value})"):
             await self.runner.update(run.id, merged, [t.code for t in terminals])
-        except Refused:
-            raise IngestError(
-                Reason.UNKNOWN_REFERENCE,
-                f"alert {run.id} cannot be updated ({run.state.value})",
-                request.identifier,
-            ) from None
-        except JournalError as e:
-            raise IngestError(
-                Reason.JOURNAL, f"could not journal the update: {e}", request.identifier
-            ) from None
         return run
 
     def _referenced(self, request: AlertRequest, scope: Scope, source: str) -> Alert:
@@ -257,18 +248,8 @@ class Admission:
 
     async def _cancel_referenced(self, request: AlertRequest, actor: str, scope: Scope, source: str) -> Alert:
         run = self._referenced(request, scope, source)
-        try:
+        with _refused_as(request, "cancel", f"alert {run.id} has already ended ({run.state.value})"):
             await self.runner.cancel(run.id, f"cancelled by {actor}")
-        except Refused:
-            raise IngestError(
-                Reason.UNKNOWN_REFERENCE,
-                f"alert {run.id} has already ended ({run.state.value})",
-                request.identifier,
-            ) from None
-        except JournalError as e:
-            raise IngestError(
-                Reason.JOURNAL, f"could not journal the cancel: {e}", request.identifier
-            ) from None
         return run
 
     def _resolve_reference(self, ref: str) -> str | None:
@@ -285,6 +266,17 @@ class Admission:
         seq = self._seq.get(day, 0) + 1
         self._seq[day] = seq
         return f"{day}-{seq:04d}", make_ebmid(self.district.code, day, seq % 10_000)
+
+
+@contextlib.contextmanager
+def _refused_as(request: AlertRequest, what: str, ended: str) -> Iterator[None]:
+    """The core's refusal or the journal's failure of an update or cancel, as the sender's IngestError."""
+    try:
+        yield
+    except Refused:
+        raise IngestError(Reason.UNKNOWN_REFERENCE, ended, request.identifier) from None
+    except JournalError as e:
+        raise IngestError(Reason.JOURNAL, f"could not journal the {what}: {e}", request.identifier) from None
 
 
 DIGEST = "#sha256"  # the "sender" of a claim on a payload's digest (no sender can start with #)
