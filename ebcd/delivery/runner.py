@@ -24,7 +24,7 @@ from ebcd.delivery.core import AlertSpec, Core, ReportVerdict
 from ebcd.delivery.liveness import Heard
 from ebcd.delivery.records import Note, Outbox, Play, Stop, Transition
 from ebcd.delivery.recovery import delivery_row, resend_in_flight
-from ebcd.delivery.state import EBM_STATE, AState, DEvent, DState
+from ebcd.delivery.state import AState, DEvent, DState
 from ebcd.journal.journal import Journal
 from ebcd.metrics import Metrics
 from ebcd.model.alert import AlertRequest
@@ -120,6 +120,7 @@ class Runner:
         await journal.flush()
         alert = self.core.accept(spec, terminals, now, hold=hold, wall_now=wall)
         self._started[alert.id] = now
+        self._docs.add(alert.id)  # the next save replaces the intent with the alert as it stands
         self._perform(self.core.drain())
         return alert
 
@@ -459,9 +460,9 @@ def _intent_doc(
         "source": spec.source,
         "actor": spec.actor,
         "reason": None,
-        "state_doc": {"id": spec.id, "identifier": req.identifier, "state": state.value,
-                      "ebm_state": EBM_STATE[state], "level": req.level},
-    }  # fmt: skip
+        # no "state_doc": until the daemon saves the alert as it stands, readers of the journal
+        # rebuild its state from the pending deliveries journalled with it
+    }
 
 
 def _pending_row(alert_id: str, code: str, revision: int, wall: float) -> dict[str, Any]:

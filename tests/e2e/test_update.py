@@ -11,6 +11,7 @@ import pytest
 
 from ebcd.config import Config
 from ebcd.delivery.core import Refused
+from ebcd.journal.reader import JOURNAL_FILE, JournalReader
 from ebcd.protocols.mqtt.codec import Topics
 from ebcd.tiers.district import District
 from simulators.mqtt_fleet import MqttFleet
@@ -164,6 +165,20 @@ async def test_manual_review_holds_an_alert_until_approved_and_reject_ends_it(
         await wait_for(lambda: len(daemon.runner.alerts) == 3, 10)
         held, other, auto = sorted(daemon.runner.alerts.values(), key=lambda r: r.request.identifier or "")
         assert held.state.value == other.state.value == "pending_approval"
+        # the journal shows a held alert with its targets, as `alert status` reads it with the daemon down
+        reader = JournalReader(tmp_path / JOURNAL_FILE, district)
+        try:
+            n = len(village.terminals)
+            await wait_for(lambda: (reader.alert_state(held.id) or {}).get("pending") == n, 10)
+            journalled = reader.alert_state(held.id)
+            assert journalled is not None
+            assert (journalled["state"], journalled["targets"], journalled["acked"]) == (
+                "pending_approval",
+                n,
+                0,
+            )
+        finally:
+            reader.close()
         await settle(daemon, auto.id, until="completed")
         assert auto.state.value == "completed"  # level 3 is not held
         assert not _played(fleet, held.id, 1)
