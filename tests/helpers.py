@@ -18,7 +18,7 @@ from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 from simulators.faults import FaultPlan
-from simulators.mqtt_fleet import MqttFleet, fleet_login
+from simulators.mqtt_fleet import MqttFleet, fleet_login, fleet_signers
 from simulators.serial_bus import BusFaults, SerialBusSimulator
 
 
@@ -71,7 +71,8 @@ async def running_fleet(
 
     `bus_ports` moves the bus of a room (by room code) to another port, e.g. behind a `SerialTap`
     that the room's port then leads to. `tls`: the broker is mqtts://. The terminals log in with
-    the config's credentials, as `ebcd simulate` does (`[simulator] credentials_dir`, `[mqtt] ca_file`)."""
+    the config's credentials, as `ebcd simulate` does (`[simulator] credentials_dir`, `[mqtt] ca_file`),
+    and sign their reports and presence with the keys of `[simulator] terminal_keys_dir` when it is set."""
     wanted = {t.code for t in terminals}
     sec = config.security
     if verifier == "config":  # the terminals trust what the config says, as `ebcd simulate` does
@@ -93,6 +94,7 @@ async def running_fleet(
         replay_window_s=sec.replay_window_s,
         tls_context=tls_context,
         passwords=passwords,
+        signers=fleet_signers(config, [t.code for t in on_mqtt]),
     )
     async with contextlib.AsyncExitStack() as stack:
         for village in district.villages():

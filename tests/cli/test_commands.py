@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ from ebcd.protocols.serial.frame import BroadcastStart, Frame, encode_frame
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import load_district
 from tests.conftest import ROOT, Mosquitto, fast_config
-from tests.helpers import running_daemon
+from tests.helpers import running_daemon, wait_for
 
 SHIPPED = ROOT / "config" / "ebcd.toml"
 TOWN_AREA = "341523104000"  # 桃溪镇: every one of its villages is on MQTT
@@ -451,6 +452,51 @@ async def test_watch_ends_with_the_settled_state(
                         break
     assert last["more"] is False
     assert last["state"]["state"] == "cancelled"
+
+
+async def test_send_while_the_journal_cannot_be_written_exits_2_saying_journal(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    """Another process holds the journal's write lock: the alert is refused `journal` (exit 2), nothing
+    is sent, the failure is counted; once the lock is gone the same command is accepted."""
+    config = fast_config(shipped_config)
+    state_dir = tmp_path / "state"
+
+    async def send(text: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ebcd", "alert", "send", "--level", "4", "--event", TEST_EVENT,
+            "--target", f"town:{UNSIMULATED_TOWN}", "--text", text, "--test",
+            "--state-dir", str(state_dir), "-c", str(SHIPPED),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT, env=_env(),
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    async with running_daemon(config, district, mosquitto.url, state_dir) as daemon:
+        locker = sqlite3.connect(state_dir / "journal.sqlite3", isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            code, out = await send("写不进日志的测试")
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert code == 2, out
+        assert "journal" in out
+        assert not daemon.runner.alerts  # refused before anything went out
+
+        def failed() -> float:  # the health check counts the failed transaction
+            value = daemon.metrics.registry.get_sample_value(
+                "ebcd_journal_failures_total", {"what": "transaction"}
+            )
+            return value or 0.0
+
+        await wait_for(lambda: failed() >= 1, 30)
+
+        code, out = await send("日志恢复后的测试")
+        assert code == 0, out
+        assert ALERT_ID.match(out.strip().splitlines()[-1]), out
+        assert len(daemon.runner.alerts) == 1
 
 
 # -- topology and frames (in-process: they never reach the daemon) --------------------------------
