@@ -31,10 +31,11 @@ Checks after the restart, on the alerts the run added to the journal (`RunResult
    the journal's `received` table with a verdict (outcome not NULL), and no identifier became two
    alerts; the kill splits them into acknowledged before / after it (the daemon's session is
    persistent, so the broker keeps the latter for it);
-6. ``released``: no terminal stays held by an alert of the run, acknowledged but never `done`, for
-   longer than a play after the run settled (a terminal is held while a broadcast plays on it,
-   README "One delivery per (alert, terminal)", so such a terminal makes every equal or lower alert
-   wait, up to `[delivery] max_play_s`); for each such terminal it says where its `done` went (a
+6. ``released``: no terminal stays held by an alert of the run that is not final (an alert that
+   ended released its terminals), acknowledged but never `done`, for longer than a play after the
+   run settled (a terminal is held while a broadcast plays on it, README "One delivery per (alert,
+   terminal)", so such a terminal makes every equal or lower alert wait, up to
+   `[delivery] max_play_s`); for each such terminal it says where its `done` went (a
    `ReportWatch` subscribes to every MQTT report): serial, published before the kill, after it;
 7. ``stop``: SIGTERM ends the daemon with 0;
 8. ``journal``: after that stop, the journal's documents of the run's alerts pass 1–3 again, agree
@@ -368,13 +369,17 @@ def journal_verdicts(state_dir: Path, identifiers: set[str]) -> Verdicts:
 
 def journal_held(state_dir: Path) -> dict[str, list[str]]:
     """alert id -> terminals the journal shows acknowledged, not finished and holding (its `retry`
-    flag: the hold timer of `[delivery] max_play_s` is armed), i.e. until their `done` is heard."""
+    flag: the hold timer of `[delivery] max_play_s` is armed), i.e. until their `done` is heard.
+
+    Only alerts not yet final hold anything: an alert that ended released its terminals at once
+    (README, the alert life cycle), whether or not each broadcast's `done` was heard."""
     out: dict[str, list[str]] = collections.defaultdict(list)
     conn = _read_only(journal_path(state_dir))
     try:
         for alert_id, terminal in conn.execute(
-            "SELECT alert_id, terminal FROM deliveries WHERE state = 'acknowledged' AND finished = 0"
-            " AND retry = 1 AND coalesce(progress, '') != 'stopped'"
+            "SELECT d.alert_id, d.terminal FROM deliveries d JOIN alerts a ON a.alert_id = d.alert_id"
+            " WHERE a.final = 0 AND d.state = 'acknowledged' AND d.finished = 0"
+            " AND d.retry = 1 AND coalesce(d.progress, '') != 'stopped'"
         ):
             out[alert_id].append(terminal)
     finally:
