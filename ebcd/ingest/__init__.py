@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-MAX_PAYLOAD_BYTES = 256 * 1024
+# Real CAP documents reach about 900 KB (IPAWS inline MP3 audio: 459 KB; one 41,009-point warning
+# polygon: 881 KB); 2 MiB admits them with room, and stays a bounded parse (bench/cap.py).
+MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 
 
 class Reason(StrEnum):
