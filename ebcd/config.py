@@ -151,6 +151,9 @@ class UpstreamSender(_Strict):
     area: list[str] = Field(default_factory=list)  # all | town:CODE | village:CODE | area:CODE; empty: all
     signed_by: list[str] = Field(default_factory=list)  # PEM certificates: its CAP must carry XML-DSig
     allow_sha1: bool = False  # accept RSA-SHA1 / SHA-1 digests from this sender (older feeds)
+    # only if strict XML-DSig verification fails: verify once more with whitespace-only text between
+    # elements dropped (documents pretty-printed after signing); README, "Real CAP feeds"
+    whitespace_tolerant: bool = False
 
 
 class UpstreamConfig(_Strict):
