@@ -25,6 +25,7 @@ from ebcd.admission.admission import Admission, is_xml
 from ebcd.admission.authority import UpstreamAuthority
 from ebcd.delivery.alerts import Alert
 from ebcd.ingest import IngestError, Reason
+from ebcd.ingest.cap import EndingUpdate
 from ebcd.ingest.edxl import Envelope, read_envelope
 from ebcd.journal.journal import Journal, JournalError
 from ebcd.metrics import Metrics
@@ -33,6 +34,7 @@ from ebcd.protocols.mqtt.codec import Topics
 from ebcd.protocols.mqtt.link import Ack, MqttLink, response_properties, response_target
 
 log = structlog.get_logger("ebcd.daemon")
+UPDATE_ENDS = "update-ends"  # what an expired Update did when it ended the alert it references
 
 
 class _Arrival(NamedTuple):
@@ -173,26 +175,34 @@ class UpstreamIngest:
             if envelope is not None:
                 await self._judge_envelope(item, envelope)
                 return
-            request, alert = await self._admit(payload)
+            request, alert, what = await self._admit(payload)
         except IngestError as e:
             await self._refuse(item, e)
             return
-        await self._verdict(item.row, outcome="accepted", detail=request.msg_type.value, alert_id=alert.id)
-        self.respond(properties, self._accepted(request, alert))
+        await self._verdict(item.row, outcome="accepted", detail=what, alert_id=alert.id)
+        self.respond(properties, self._accepted(request, alert, what))
 
-    async def _admit(self, payload: bytes) -> tuple[AlertRequest, Alert]:
-        """Parse, vouch for, scope and submit one alert (or update, or cancel); IngestError if refused."""
-        request = self.admission.parse_upstream(payload)
+    async def _admit(self, payload: bytes) -> tuple[AlertRequest, Alert, str]:
+        """Parse, vouch for, scope and submit one alert (or update, or cancel); IngestError if refused.
+        Returns the request, its alert and what it did (its msgType, or `update-ends`).
+
+        An Update whose expires has passed ends the active alert of its sender it references."""
+        try:
+            request = self.admission.parse_upstream(payload)
+        except EndingUpdate as ending:
+            scope = self.upstream.scope(ending.request)
+            alert = await self.admission.end_by_update(ending, scope=scope, payload=payload)
+            return ending.request, alert, UPDATE_ENDS
         scope = self.upstream.scope(request)
         alert = await self.admission.submit(
             request, source="mqtt", actor=request.sender or "upstream", scope=scope, payload=payload
         )
-        return request, alert
+        return request, alert, request.msg_type.value
 
-    def _accepted(self, request: AlertRequest, alert: Alert) -> dict[str, Any]:
+    def _accepted(self, request: AlertRequest, alert: Alert, what: str) -> dict[str, Any]:
         return {
             "status": "accepted",
-            "msg_type": request.msg_type.value,
+            "msg_type": what,
             "id": alert.id,
             "identifier": request.identifier,
             "state": alert.state.value,
@@ -215,15 +225,15 @@ class UpstreamIngest:
             try:
                 if part.payload is None:
                     raise part.error or IngestError(Reason.SCHEMA, "no enclosed alert")
-                request, alert = await self._admit(part.payload)
+                request, alert, what = await self._admit(part.payload)
             except IngestError as e:
                 detail = f"EDXL-DE {part.path}: {e.detail}"
                 self.reject(item.payload, IngestError(e.reason, detail, e.identifier), item.properties, where)
                 said.append(f"{part.path} rejected {e.reason.value}: {e.detail}")
                 continue
             accepted.append(alert.id)
-            said.append(f"{part.path} accepted {request.msg_type.value} as {alert.id}")
-            self.respond(item.properties, {**self._accepted(request, alert), "envelope": where})
+            said.append(f"{part.path} accepted {what} as {alert.id}")
+            self.respond(item.properties, {**self._accepted(request, alert, what), "envelope": where})
         outcome = "rejected" if not accepted else "accepted" if len(accepted) == len(said) else "partial"
         log.info(
             "ingest.envelope",

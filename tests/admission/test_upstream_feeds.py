@@ -143,3 +143,63 @@ async def test_a_pretty_printed_ecdsa_signed_alert_is_accepted_only_from_a_toler
                 row = await verdict(d, pretty)
             outcomes.append((row.outcome, (row.detail or "").split(":")[0]))
     assert outcomes == [("rejected", "bad_signature"), ("accepted", "alert")]
+
+
+def ending_update(identifier: str, references: str, *, sender: str = SENDER) -> bytes:
+    """A tsunami centre's last word: msgType Update, urgency Past, expires = sent."""
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+    return alert(
+        identifier=identifier,
+        sender=sender,
+        sent=now.isoformat(),
+        msg_type="Update",
+        references=references,
+        infos=[info(urgency="Past", expires=now.isoformat(), headline="警报解除", areas=[area()])],
+    )
+
+
+async def test_an_update_whose_expires_has_passed_ends_the_alert_it_references(
+    daemon: tuple[Daemon, Any, list[tuple[str, Any]]],
+) -> None:
+    d, client, seen = daemon
+    tsunami = "http://wcatwc.example.gov/tsuPortal/"
+    first = cap("PAAQ-1-end", sender=tsunami)
+    await client.publish(d.topics.alerts_in, first, qos=1)
+    assert (await verdict(d, first)).outcome == "accepted"
+    (warning,) = d.runner.alerts.values()
+    # the centre names itself by its office code in <references>, by a URL in <sender>
+    end = ending_update("PAAQ-2-end", "PAAQ,PAAQ-1-end,2024-01-01T00:00:00-00:00", sender=tsunami)
+    await client.publish(d.topics.alerts_in, end, qos=1)
+    row = await verdict(d, end)
+    assert (row.outcome, row.detail, row.alert_id) == ("accepted", "update-ends", warning.id)
+    assert warning.state.value == "cancelled"
+    assert "ended by Update PAAQ-2-end" in (warning.reason or "")
+    assert len(d.runner.alerts) == 1  # nothing new was sent
+
+    # once ended, the same Update again is a duplicate; a fresh one finds nothing active to end
+    await client.publish(d.topics.alerts_in, end, qos=1)
+    later = ending_update("PAAQ-3-end", f"{tsunami},PAAQ-1-end,2024-01-01T00:00:00-00:00", sender=tsunami)
+    await client.publish(d.topics.alerts_in, later, qos=1)
+    await wait_for(lambda: len([t for t, _ in seen if t == d.topics.rejected]) == 2, 10)
+    rejected = [doc for t, doc in seen if t == d.topics.rejected]
+    assert [r["reason"] for r in rejected] == ["duplicate", "expired"]
+    assert (
+        "references no active alert of 'http://wcatwc.example.gov/tsuPortal/' to end" in rejected[1]["detail"]
+    )
+
+
+async def test_an_expired_update_never_ends_another_senders_alert(
+    daemon: tuple[Daemon, Any, list[tuple[str, Any]]],
+) -> None:
+    d, client, _seen = daemon
+    first = cap("OWN-1")
+    await client.publish(d.topics.alerts_in, first, qos=1)
+    assert (await verdict(d, first)).outcome == "accepted"
+    (warning,) = d.runner.alerts.values()
+    forged = ending_update("OTHER-2", f"{SENDER},OWN-1,2024-01-01T00:00:00+08:00", sender="other@example.com")
+    await client.publish(d.topics.alerts_in, forged, qos=1)
+    row = await verdict(d, forged)
+    assert row.outcome == "rejected"
+    assert (row.detail or "").startswith("expired: info[0]/expires:")
+    assert "references no active alert of 'other@example.com' to end" in (row.detail or "")
+    assert warning.state.value != "cancelled"
