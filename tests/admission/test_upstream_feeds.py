@@ -4,6 +4,7 @@ alerts pretty-printed after signing, and Updates that end an alert."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -203,3 +204,43 @@ async def test_an_expired_update_never_ends_another_senders_alert(
     assert (row.detail or "").startswith("expired: info[0]/expires:")
     assert "references no active alert of 'other@example.com' to end" in (row.detail or "")
     assert warning.state.value != "cancelled"
+
+
+CN = Path(__file__).resolve().parents[1] / "fixtures" / "cap-cn"
+_CST_TIME = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\+08:00")
+
+
+def cn_fixture(name: str, delta: timedelta) -> bytes:
+    """A hand-made Chinese fixture with every +08:00 time moved by `delta`."""
+
+    def move(match: re.Match[bytes]) -> bytes:
+        when = datetime.fromisoformat(match.group(0).decode()) + delta
+        return when.isoformat().encode()
+
+    return _CST_TIME.sub(move, (CN / name).read_bytes())
+
+
+async def test_a_chinese_feeds_alert_update_and_cancel_act_on_one_alert(
+    daemon: tuple[Daemon, Any, list[tuple[str, Any]]], district: District
+) -> None:
+    d, client, _seen = daemon
+    first_sent = datetime.fromisoformat("2024-07-01T08:00:00+08:00")
+    delta = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1) - first_sent
+    county = cn_fixture("cn-county-rainstorm-red-zh-en.xml", delta)
+    await client.publish(d.topics.alerts_in, county, qos=1)
+    assert (await verdict(d, county)).outcome == "accepted"
+    (warning,) = d.runner.alerts.values()
+    assert (warning.request.identifier, warning.targets) == ("34152341600000_20240701080000", len(district))
+
+    update = cn_fixture("cn-village-flood-update-zh-en.xml", delta - timedelta(hours=2))  # sent now
+    await client.publish(d.topics.alerts_in, update, qos=1)
+    row = await verdict(d, update)
+    assert (row.outcome, row.alert_id) == ("accepted", warning.id)
+    assert (warning.revision, warning.request.event_type) == (2, "11A01")
+    assert warning.request.text.startswith("暴雨预警调整：桥畈村、石岗村洪水橙色预警")
+
+    cancel = cn_fixture("cn-cancel.xml", delta - timedelta(hours=10))
+    await client.publish(d.topics.alerts_in, cancel, qos=1)
+    assert (await verdict(d, cancel)).outcome == "accepted"
+    assert warning.state.value == "cancelled"
+    assert len(d.runner.alerts) == 1
