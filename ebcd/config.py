@@ -164,6 +164,16 @@ class UpstreamConfig(_Strict):
     digest_window_s: float = Field(default=86_400.0, gt=0)
 
 
+class IngestConfig(_Strict):
+    """How much of an upstream payload ebcd reads (README, "Real CAP feeds"); the broker's
+    max_packet_size must stay above max_payload_bytes, or senders never hear why."""
+
+    # real CAP documents reach ~900 KB (inline audio, 41,009-point polygons); refused `too_large`
+    max_payload_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024, le=16 * 1024 * 1024)
+    max_depth: int = Field(default=64, ge=16, le=256)  # XML nesting; refused `forbidden_xml`
+    max_elements: int = Field(default=100_000, ge=1_000, le=1_000_000)  # refused `too_large`
+
+
 class OperatorConfig(_Strict):
     """A room's operators on the control socket: OS users or groups, or a token in a file."""
 
@@ -237,6 +247,7 @@ class Config(_Strict):
     priority: PriorityConfig = PriorityConfig()
     security: SecurityConfig = SecurityConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    ingest: IngestConfig = IngestConfig()
     operators: list[OperatorConfig] = Field(default_factory=list)  # [[operators]] tables
     test_broadcast: list[TestBroadcastConfig] = Field(default_factory=list)  # [[test_broadcast]] tables
     daemon: DaemonConfig = DaemonConfig()

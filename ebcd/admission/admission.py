@@ -24,7 +24,7 @@ from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import AlertSpec, Refused
 from ebcd.delivery.runner import Runner
 from ebcd.delivery.state import AState
-from ebcd.ingest import IngestError, Reason
+from ebcd.ingest import IngestError, Limits, Reason
 from ebcd.ingest.cap import CapAlert, EndingUpdate, parse_cap
 from ebcd.ingest.json_alert import parse_json_alert
 from ebcd.journal.journal import Journal, JournalError
@@ -57,6 +57,7 @@ class Admission:
         self.upstream = upstream
         self.metrics = metrics
         self._journal = journal
+        self.limits = Limits(**config.ingest.model_dump())
         self._seq: dict[str, int] = {}  # per day (YYYYMMDD): the last alert number given out
         self._dedupe: dict[tuple[str, str], tuple[str, float]] = {}  # key -> (alert id, when claimed)
 
@@ -88,7 +89,7 @@ class Admission:
         """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError. The sender is vouched
         for (listed, signature verified) as soon as it is known, before the content is judged."""
         if not is_xml(payload):
-            request = parse_json_alert(payload)
+            request = parse_json_alert(payload, self.limits.max_payload_bytes)
             self.upstream.vouch(request.sender, request.identifier, payload, is_cap=False)
             return request
         try:
@@ -97,6 +98,7 @@ class Admission:
                 district_area=self.district.area,
                 default_ttl_s=self.config.delivery.default_ttl_s,
                 vouch=lambda m: self.upstream.vouch(m.sender, m.identifier, payload, is_cap=True),
+                limits=self.limits,
             )
         except EndingUpdate as e:  # vouched for already: the sender may end what it references
             raise EndingUpdate(e.detail, e.cap, _as_upstream(e.cap)) from None

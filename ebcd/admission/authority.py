@@ -108,7 +108,10 @@ class UpstreamAuthority:
                 paths = [Path(p) if Path(p).is_absolute() else config.base_dir / p for p in sender.signed_by]
                 try:
                     check = CapSignatureCheck.from_files(
-                        paths, allow_sha1=sender.allow_sha1, whitespace_tolerant=sender.whitespace_tolerant
+                        paths,
+                        allow_sha1=sender.allow_sha1,
+                        whitespace_tolerant=sender.whitespace_tolerant,
+                        max_payload_bytes=config.ingest.max_payload_bytes,
                     )
                 except ValueError as e:
                     raise AuthorityError(f"{where} signed_by: {e}") from None

@@ -171,7 +171,7 @@ class UpstreamIngest:
             )
             return
         try:
-            envelope = read_envelope(payload) if is_xml(payload) else None
+            envelope = read_envelope(payload, self.admission.limits) if is_xml(payload) else None
             if envelope is not None:
                 await self._judge_envelope(item, envelope)
                 return

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from ebcd.ingest import IngestError, Reason
+from ebcd.ingest import DEFAULT_LIMITS, IngestError, Limits, Reason
 from ebcd.ingest.cap_model import (
     CapMessage,
     CapMsgType,
@@ -167,6 +167,7 @@ def parse_cap(
     default_ttl_s: float = DEFAULT_TTL_S,
     event_code_names: Collection[str] = EVENT_CODE_VALUE_NAMES,
     vouch: Callable[[CapMessage], None] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> CapAlert:
     """Turn a CAP 1.2 document into a `CapAlert` for the district, or raise IngestError.
 
@@ -179,7 +180,7 @@ def parse_cap(
         now = datetime.now(UTC)
     elif now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    message = read_cap(payload)
+    message = read_cap(payload, limits)
     if vouch is not None:
         vouch(message)
     names = frozenset(_normalised(n) for n in event_code_names)

@@ -22,7 +22,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from ebcd.ingest import IngestError, Reason
+from ebcd.ingest import DEFAULT_LIMITS, IngestError, Limits, Reason
 from ebcd.ingest.cap_xml import Element, XmlDocument, bounded, parse_xml
 
 EDXL_DE_NS = "urn:oasis:names:tc:emergency:EDXL:DE:1.0"
@@ -82,11 +82,11 @@ def is_envelope(payload: bytes) -> bool:
     return match is not None and match.group(1) == ROOT.encode()
 
 
-def read_envelope(payload: bytes) -> Envelope | None:
+def read_envelope(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope | None:
     """The parts of an EDXL-DE 1.0 envelope; None if the payload is not one; IngestError if unusable."""
     if not is_envelope(payload):
         return None
-    doc = parse_xml(payload)
+    doc = parse_xml(payload, limits)
     root = doc.root
     if root.name != ROOT:
         return None
@@ -102,7 +102,7 @@ def read_envelope(payload: bytes) -> Envelope | None:
     parts: list[Part] = []
     declaration = _declaration(doc)
     for c, obj in enumerate(content):
-        parts.extend(_parts(doc, obj, f"contentObject[{c}]", len(parts), declaration))
+        parts.extend(_parts(doc, obj, f"contentObject[{c}]", len(parts), declaration, limits))
     return Envelope(distribution_id, ids.get("senderID") or None, tuple(parts))
 
 
@@ -119,7 +119,9 @@ def _declaration(doc: XmlDocument) -> bytes:
     return b'<?xml version="1.0" encoding="%s"?>' % match.group(2)
 
 
-def _parts(doc: XmlDocument, obj: Element, path: str, first: int, declaration: bytes) -> list[Part]:
+def _parts(
+    doc: XmlDocument, obj: Element, path: str, first: int, declaration: bytes, limits: Limits
+) -> list[Part]:
     """The parts of one `<contentObject>`."""
     kids = [k for k in obj.children if k.ns == EDXL_DE_NS]
     xml = [k for k in kids if k.name == "xmlContent"]
@@ -140,17 +142,17 @@ def _parts(doc: XmlDocument, obj: Element, path: str, first: int, declaration: b
             parts.append(Part(first + len(parts), where, error=error))
             continue
         for element in holder.children:
-            payload = declaration + _standalone(doc, element, (doc.root, obj, xml[0], holder))
+            payload = declaration + _standalone(doc, element, (doc.root, obj, xml[0], holder), limits)
             parts.append(Part(first + len(parts), where, payload=payload))
     return parts
 
 
-def _standalone(doc: XmlDocument, element: Element, ancestors: tuple[Element, ...]) -> bytes:
+def _standalone(doc: XmlDocument, element: Element, ancestors: tuple[Element, ...], limits: Limits) -> bytes:
     """The element's exact bytes, with the envelope's namespace declarations added only if needed."""
     start, end = doc.span(element)
     exact = doc.data[start:end]
     try:
-        alone = parse_xml(exact).root
+        alone = parse_xml(exact, limits).root
         if alone.ns == element.ns:
             return exact
     except IngestError:

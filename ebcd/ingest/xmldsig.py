@@ -125,12 +125,18 @@ class CapSignatureCheck:
     """Verifies enveloped XML-DSig signatures on CAP 1.2 documents against pinned keys."""
 
     def __init__(
-        self, trusted: Sequence[TrustedKey], *, allow_sha1: bool = False, whitespace_tolerant: bool = False
+        self,
+        trusted: Sequence[TrustedKey],
+        *,
+        allow_sha1: bool = False,
+        whitespace_tolerant: bool = False,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         """Trust exactly `trusted`; accept SHA-1 signature or digest methods only if `allow_sha1`;
         retry once without whitespace between elements only if `whitespace_tolerant`."""
         if not trusted:
             raise ValueError("no trusted certificate given")
+        self.max_payload_bytes = max_payload_bytes
         self.trusted = tuple(trusted)
         self.allow_sha1 = allow_sha1
         self.whitespace_tolerant = whitespace_tolerant
@@ -149,7 +155,12 @@ class CapSignatureCheck:
 
     @classmethod
     def from_files(
-        cls, paths: Sequence[Path], *, allow_sha1: bool = False, whitespace_tolerant: bool = False
+        cls,
+        paths: Sequence[Path],
+        *,
+        allow_sha1: bool = False,
+        whitespace_tolerant: bool = False,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> CapSignatureCheck:
         """Load PEM certificates (one or more per file) or a PEM public key per file.
 
@@ -161,6 +172,7 @@ class CapSignatureCheck:
             [key for path in paths for key in _load(Path(path))],
             allow_sha1=allow_sha1,
             whitespace_tolerant=whitespace_tolerant,
+            max_payload_bytes=max_payload_bytes,
         )
 
     @property
@@ -177,9 +189,9 @@ class CapSignatureCheck:
         `sender` only names the sender in the detail.
         """
         who = f"sender {_quote(sender)}" if sender else "the sender"
-        if len(payload) > MAX_PAYLOAD_BYTES:
+        if len(payload) > self.max_payload_bytes:
             raise IngestError(
-                Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
+                Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {self.max_payload_bytes}"
             )
         root = _parse(payload)
         identifier = _text(root.find(f"{{{CAP12_NS}}}identifier")) if root.tag == _ALERT else None

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from lxml import etree  # type: ignore[import-untyped]
 
-from ebcd.config import Config, UpstreamConfig, UpstreamSender
+from ebcd.config import Config, IngestConfig, UpstreamConfig, UpstreamSender
 from ebcd.daemon.daemon import Daemon
 from ebcd.journal.journal import Received
 from ebcd.protocols.mqtt.codec import Topics
@@ -21,6 +21,7 @@ from ebcd.tiers.district import District
 from tests.conftest import Mosquitto, fast_config
 from tests.helpers import mqtt_client, running_daemon, wait_for
 from tests.ingest.cap_docs import alert, area, envelope, info
+from tests.ingest.large_docs import audio_alert
 from tests.ingest.test_xmldsig import EC_CERT, EC_KEY, cert_pem, sign
 
 pytestmark = pytest.mark.slow
@@ -244,3 +245,30 @@ async def test_a_chinese_feeds_alert_update_and_cancel_act_on_one_alert(
     assert (await verdict(d, cancel)).outcome == "accepted"
     assert warning.state.value == "cancelled"
     assert len(d.runner.alerts) == 1
+
+
+async def test_a_500_kb_alert_is_accepted_and_the_configured_limit_refuses_it(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    document = (
+        audio_alert(500_000)
+        .replace(b"2024-07-01T08:00:00+08:00", now.isoformat().encode())
+        .replace(b"2024-07-01T20:00:00+08:00", (now + timedelta(hours=1)).isoformat().encode())
+    )
+    outcomes = []
+    for limit in (None, 256 * 1024):
+        config = fast_config(shipped_config)
+        if limit is not None:
+            config = config.model_copy(update={"ingest": IngestConfig(max_payload_bytes=limit)})
+        async with (
+            running_daemon(config, district, mosquitto.url, tmp_path / f"state-{limit}") as d,
+            mqtt_client(mosquitto.host, mosquitto.port) as (client, _seen),
+        ):
+            await client.publish(d.topics.alerts_in, document, qos=1)
+            row = await verdict(d, document)
+            outcomes.append((row.outcome, (row.detail or "")[:90]))
+    assert outcomes == [
+        ("accepted", "alert"),
+        ("rejected", f"too_large: payload of {len(document)} bytes exceeds {256 * 1024} bytes"),
+    ]

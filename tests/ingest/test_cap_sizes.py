@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
+import pytest
+from pydantic import ValidationError
+
+from ebcd.config import IngestConfig, load_config, shipped_config_path
+from ebcd.ingest import DEFAULT_LIMITS, MAX_PAYLOAD_BYTES, IngestError, Limits, Reason
 from ebcd.ingest.cap import parse_cap
 from ebcd.ingest.cap_rules import read_cap
 from ebcd.ingest.cap_xml import MAX_ELEMENTS
@@ -92,3 +96,36 @@ def test_many_small_elements_within_the_payload_limit_are_still_refused() -> Non
         read_cap(document)
     assert caught.value.reason is Reason.TOO_LARGE
     assert caught.value.detail == f"more than {MAX_ELEMENTS} elements"
+
+
+def test_the_limits_follow_the_configuration() -> None:
+    document = audio_alert(100_000)
+    small = Limits(max_payload_bytes=64 * 1024)
+    with pytest.raises(IngestError) as caught:
+        parse_cap(document, district_area=DISTRICT, now=NOW, limits=small)
+    assert caught.value.detail == f"payload of {len(document)} bytes exceeds {64 * 1024} bytes"
+    few = Limits(max_elements=1_000)
+    with pytest.raises(IngestError) as caught:
+        read_cap(geocode_alert(["341523101001"], 400), few)  # 1,200 geocode elements
+    assert caught.value.detail == "more than 1000 elements"
+    shallow = Limits(max_depth=16)
+    with pytest.raises(IngestError) as caught:
+        read_cap(alert(tail="<x>" * 16 + "</x>" * 16), shallow)  # 17 levels with <alert>
+    assert (caught.value.reason, caught.value.detail) == (
+        Reason.FORBIDDEN_XML,
+        "elements nested deeper than 16 levels",
+    )
+    with pytest.raises(IngestError) as caught:
+        read_cap(alert(tail="<x>" * 15 + "</x>" * 15), shallow)
+    assert caught.value.reason is Reason.SCHEMA  # 16 levels are within the limit: refused only as not CAP
+
+
+def test_the_shipped_config_reads_with_the_default_limits_and_refuses_absurd_ones() -> None:
+    config = load_config(shipped_config_path())
+    assert Limits(**config.ingest.model_dump()) == DEFAULT_LIMITS
+    assert DEFAULT_LIMITS.max_payload_bytes == MAX_PAYLOAD_BYTES == 2 * 1024 * 1024
+    with pytest.raises(ValidationError):
+        IngestConfig(max_payload_bytes=1024 * 1024 * 1024)
+    broker = (shipped_config_path().parent / "mosquitto" / "ebcd.conf").read_text()
+    (packet,) = re.findall(r"^max_packet_size (\d+)$", broker, re.M)
+    assert int(packet) > MAX_PAYLOAD_BYTES  # a sender over ebcd's limit still gets ebcd's answer
