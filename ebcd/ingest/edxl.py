@@ -142,17 +142,20 @@ def _parts(
             parts.append(Part(first + len(parts), where, error=error))
             continue
         for element in holder.children:
-            payload = declaration + _standalone(doc, element, (doc.root, obj, xml[0], holder), limits)
+            ancestors = (doc.root, obj, xml[0], holder)
+            payload = declaration + _standalone(doc, element, ancestors, declaration, limits)
             parts.append(Part(first + len(parts), where, payload=payload))
     return parts
 
 
-def _standalone(doc: XmlDocument, element: Element, ancestors: tuple[Element, ...], limits: Limits) -> bytes:
+def _standalone(
+    doc: XmlDocument, element: Element, ancestors: tuple[Element, ...], declaration: bytes, limits: Limits
+) -> bytes:
     """The element's exact bytes, with the envelope's namespace declarations added only if needed."""
     start, end = doc.span(element)
     exact = doc.data[start:end]
     try:
-        alone = parse_xml(exact, limits).root
+        alone = parse_xml(declaration + exact, limits).root
         if alone.ns == element.ns:
             return exact
     except IngestError:

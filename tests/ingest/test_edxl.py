@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ebcd.ingest import IngestError, Reason
 from ebcd.ingest.cap import parse_cap
@@ -111,6 +114,7 @@ def test_a_latin_1_envelope_keeps_its_encoding_in_each_part() -> None:
     assert env.parts[0].payload is not None
     assert env.parts[0].payload.startswith(b'<?xml version="1.0" encoding="ISO-8859-1"?>')
     assert b"\xf0" in env.parts[0].payload  # still Latin-1 bytes
+    assert env.parts[0].payload.count(b"xmlns") == 1  # its own declaration only: nothing was added
     assert read_cap(env.parts[0].payload).infos[0].headline == headline
 
 
@@ -152,3 +156,24 @@ def test_an_unusable_envelope_is_refused_whole(document: bytes, reason: Reason, 
         read_envelope(document)
     assert caught.value.reason is reason
     assert detail in caught.value.detail
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cut=st.integers(min_value=0, max_value=2_000),
+    noise=st.binary(max_size=40),
+    at=st.integers(min_value=0, max_value=2_000),
+)
+def test_mutated_envelopes_raise_only_ingest_error(cut: int, noise: bytes, at: int) -> None:
+    document = envelope(alert(identifier="F-1"), EMPTY, AUDIO, alert(identifier="F-2"))
+    at, cut = at % len(document), cut % len(document)
+    mutated = document[:at] + noise + document[at + cut // 10 :]
+    try:
+        env = read_envelope(mutated)
+    except IngestError:
+        return
+    for part in env.parts if env else ():
+        assert (part.payload is None) != (part.error is None)
+        if part.payload is not None:
+            with contextlib.suppress(IngestError):  # a part may be anything: refused, never a crash
+                read_cap(part.payload)
