@@ -151,6 +151,9 @@ class UpstreamSender(_Strict):
     area: list[str] = Field(default_factory=list)  # all | town:CODE | village:CODE | area:CODE; empty: all
     signed_by: list[str] = Field(default_factory=list)  # PEM certificates: its CAP must carry XML-DSig
     allow_sha1: bool = False  # accept RSA-SHA1 / SHA-1 digests from this sender (older feeds)
+    # only if strict XML-DSig verification fails: verify once more with whitespace-only text between
+    # elements dropped (documents pretty-printed after signing); README, "Real CAP feeds"
+    whitespace_tolerant: bool = False
 
 
 class UpstreamConfig(_Strict):
@@ -159,6 +162,16 @@ class UpstreamConfig(_Strict):
     senders: list[UpstreamSender] = Field(default_factory=list)
     # a message with neither sender nor identifier is a duplicate of the same bytes within this long
     digest_window_s: float = Field(default=86_400.0, gt=0)
+
+
+class IngestConfig(_Strict):
+    """How much of an upstream payload ebcd reads (README, "Real CAP feeds"); the broker's
+    max_packet_size must stay above max_payload_bytes, or senders never hear why."""
+
+    # real CAP documents reach ~900 KB (inline audio, 41,009-point polygons); refused `too_large`
+    max_payload_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024, le=16 * 1024 * 1024)
+    max_depth: int = Field(default=64, ge=16, le=256)  # XML nesting; refused `forbidden_xml`
+    max_elements: int = Field(default=100_000, ge=1_000, le=1_000_000)  # refused `too_large`
 
 
 class OperatorConfig(_Strict):
@@ -234,6 +247,7 @@ class Config(_Strict):
     priority: PriorityConfig = PriorityConfig()
     security: SecurityConfig = SecurityConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    ingest: IngestConfig = IngestConfig()
     operators: list[OperatorConfig] = Field(default_factory=list)  # [[operators]] tables
     test_broadcast: list[TestBroadcastConfig] = Field(default_factory=list)  # [[test_broadcast]] tables
     daemon: DaemonConfig = DaemonConfig()

@@ -23,8 +23,9 @@ from ebcd.config import Config
 from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import AlertSpec, Refused
 from ebcd.delivery.runner import Runner
-from ebcd.ingest import IngestError, Reason
-from ebcd.ingest.cap import parse_cap
+from ebcd.delivery.state import AState
+from ebcd.ingest import IngestError, Limits, Reason
+from ebcd.ingest.cap import CapAlert, EndingUpdate, parse_cap
 from ebcd.ingest.json_alert import parse_json_alert
 from ebcd.journal.journal import Journal, JournalError
 from ebcd.metrics import Metrics
@@ -34,6 +35,7 @@ from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 
 log = structlog.get_logger("ebcd.admission")
+_ENDED = frozenset({AState.CANCELLED, AState.EXPIRED, AState.REJECTED})
 
 
 class Admission:
@@ -55,6 +57,7 @@ class Admission:
         self.upstream = upstream
         self.metrics = metrics
         self._journal = journal
+        self.limits = Limits(**config.ingest.model_dump())
         self._seq: dict[str, int] = {}  # per day (YYYYMMDD): the last alert number given out
         self._dedupe: dict[tuple[str, str], tuple[str, float]] = {}  # key -> (alert id, when claimed)
 
@@ -86,18 +89,56 @@ class Admission:
         """JSON alert or CAP 1.2 document -> AlertRequest, or IngestError. The sender is vouched
         for (listed, signature verified) as soon as it is known, before the content is judged."""
         if not is_xml(payload):
-            request = parse_json_alert(payload)
+            request = parse_json_alert(payload, self.limits.max_payload_bytes)
             self.upstream.vouch(request.sender, request.identifier, payload, is_cap=False)
             return request
-        cap = parse_cap(
-            payload,
-            district_area=self.district.area,
-            default_ttl_s=self.config.delivery.default_ttl_s,
-            vouch=lambda m: self.upstream.vouch(m.sender, m.identifier, payload, is_cap=True),
+        try:
+            cap = parse_cap(
+                payload,
+                district_area=self.district.area,
+                default_ttl_s=self.config.delivery.default_ttl_s,
+                vouch=lambda m: self.upstream.vouch(m.sender, m.identifier, payload, is_cap=True),
+                limits=self.limits,
+            )
+        except EndingUpdate as e:  # vouched for already: the sender may end what it references
+            raise EndingUpdate(e.detail, e.cap, _as_upstream(e.cap)) from None
+        return _as_upstream(cap)
+
+    async def end_by_update(
+        self, ending: EndingUpdate, *, scope: Scope = DISTRICT_WIDE, payload: bytes | None = None
+    ) -> Alert:
+        """End, as a Cancel would, the active alert of the same sender an expired Update references;
+        refuse it `expired` (re-raise `ending`) when it references none."""
+        request = ending.request
+        key = dedupe_key(request, payload)
+        if (seen := self._seen(key)) is not None:
+            raise IngestError(Reason.DUPLICATE, f"already accepted as alert {seen}", request.identifier)
+        run = self._active_of_sender(request)
+        if run is None:
+            detail = f"{ending.detail}, and it references no active alert of {request.sender!r} to end"
+            raise IngestError(Reason.EXPIRED, detail, request.identifier)
+        scope.check(run.deliveries, request.identifier, "change alerts of")
+        why = f"ended by Update {request.identifier} of {request.sender} (its expires has passed)"
+        with _refused_as(request, "cancel", f"alert {run.id} has already ended ({run.state.value})"):
+            await self.runner.cancel(run.id, why)
+        log.info(
+            "alert.ended_by_update", alert_id=run.id, identifier=request.identifier, sender=request.sender
         )
-        # Updates and cancels are matched on (sender, identifier), as CAP's references name them.
-        refs = [f"{r.sender},{r.identifier}" for r in cap.references]
-        return cap.request.model_copy(update={"references": refs, "sender": cap.sender})
+        if key:
+            self._dedupe[key] = (run.id, time.time())
+            await self._save(run, key)
+        return run
+
+    def _active_of_sender(self, request: AlertRequest) -> Alert | None:
+        """The first alert `request` references that is of its sender and not ended."""
+        for ref in request.references:
+            alert_id = self._resolve_reference(ref, request.sender)
+            run = self.runner.alerts.get(alert_id) if alert_id is not None else None
+            if run is None or run.request.sender != request.sender:
+                continue
+            if not run.closed and run.state not in _ENDED:
+                return run
+        return None
 
     async def submit(
         self,
@@ -230,7 +271,7 @@ class Admission:
     def _referenced(self, request: AlertRequest, scope: Scope, source: str) -> Alert:
         """The alert an update or cancel names, if the asker may change it."""
         for ref in request.references:
-            alert_id = self._resolve_reference(ref)
+            alert_id = self._resolve_reference(ref, request.sender if source == "mqtt" else None)
             if alert_id is not None and alert_id in self.runner.alerts:
                 run = self.runner.alerts[alert_id]
                 if source == "mqtt" and run.request.sender != request.sender:
@@ -252,12 +293,18 @@ class Admission:
             await self.runner.cancel(run.id, f"cancelled by {actor}")
         return run
 
-    def _resolve_reference(self, ref: str) -> str | None:
+    def _resolve_reference(self, ref: str, sender: str | None = None) -> str | None:
+        """The alert id a reference names: an ebcd id, or a claimed (sender, identifier). Some feeds
+        name themselves differently in <references> than in <sender> (the tsunami centres write
+        their office code, PAAQ, beside a URL): the identifier is then looked up under the
+        message's own sender too, which still finds only that sender's alerts."""
         if ref in self.runner.alerts:
             return ref
         parts = ref.split(",")
         if len(parts) >= 2:
             seen = self._dedupe.get((parts[0], parts[1]))
+            if seen is None and sender:
+                seen = self._dedupe.get((sender, parts[1]))
             return seen[0] if seen else None
         return None
 
@@ -277,6 +324,12 @@ def _refused_as(request: AlertRequest, what: str, ended: str) -> Iterator[None]:
         raise IngestError(Reason.UNKNOWN_REFERENCE, ended, request.identifier) from None
     except JournalError as e:
         raise IngestError(Reason.JOURNAL, f"could not journal the {what}: {e}", request.identifier) from None
+
+
+def _as_upstream(cap: CapAlert) -> AlertRequest:
+    """The request of a CAP alert, its references as (sender, identifier), as dedupe claims name them."""
+    refs = [f"{r.sender},{r.identifier}" for r in cap.references]
+    return cap.request.model_copy(update={"references": refs, "sender": cap.sender})
 
 
 DIGEST = "#sha256"  # the "sender" of a claim on a payload's digest (no sender can start with #)

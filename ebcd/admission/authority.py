@@ -107,7 +107,12 @@ class UpstreamAuthority:
             if sender.signed_by:
                 paths = [Path(p) if Path(p).is_absolute() else config.base_dir / p for p in sender.signed_by]
                 try:
-                    check = CapSignatureCheck.from_files(paths, allow_sha1=sender.allow_sha1)
+                    check = CapSignatureCheck.from_files(
+                        paths,
+                        allow_sha1=sender.allow_sha1,
+                        whitespace_tolerant=sender.whitespace_tolerant,
+                        max_payload_bytes=config.ingest.max_payload_bytes,
+                    )
                 except ValueError as e:
                     raise AuthorityError(f"{where} signed_by: {e}") from None
                 for cert in check.expired:
@@ -143,7 +148,13 @@ class UpstreamAuthority:
                 f"sender {sender!r} signs its alerts (XML-DSig); a JSON alert carries no signature",
                 identifier,
             )
-        rule.signature.verify(payload, sender=sender)
+        if rule.signature.verify(payload, sender=sender):
+            log.info(
+                "upstream.signature_whitespace_normalised",
+                sender=sender,
+                identifier=identifier,
+                hint="verified only with whitespace between elements dropped (whitespace_tolerant)",
+            )
 
     def scope(self, request: AlertRequest) -> Scope:
         """What a vouched-for sender may address with this request (not_allowed if not this)."""

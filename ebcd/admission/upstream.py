@@ -6,6 +6,8 @@ redelivers whatever ebcd did not keep. Judging then runs one message at a time, 
 vouched for and submitted, or refused on the rejection topic (and on its MQTT 5 response topic)
 with a reason, in the log and in `ebcd_rejected_messages_total{reason}`. A message journalled but
 not judged when the daemon stopped (or crashed) is judged at the next start, before new ones.
+An EDXL-DE 1.0 envelope is judged part by part (ingest/edxl.py): each enclosed alert is accepted
+or refused on its own, and the message's one journal verdict lists them all.
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from ebcd.admission.admission import Admission
+from ebcd.admission.admission import Admission, is_xml
 from ebcd.admission.authority import UpstreamAuthority
+from ebcd.delivery.alerts import Alert
 from ebcd.ingest import IngestError, Reason
+from ebcd.ingest.cap import EndingUpdate
+from ebcd.ingest.edxl import Envelope, read_envelope
 from ebcd.journal.journal import Journal, JournalError
 from ebcd.metrics import Metrics
+from ebcd.model.alert import AlertRequest
 from ebcd.protocols.mqtt.codec import Topics
 from ebcd.protocols.mqtt.link import Ack, MqttLink, response_properties, response_target
 
 log = structlog.get_logger("ebcd.daemon")
+UPDATE_ENDS = "update-ends"  # what an expired Update did when it ended the alert it references
 
 
 class _Arrival(NamedTuple):
@@ -164,25 +171,80 @@ class UpstreamIngest:
             )
             return
         try:
-            request = self.admission.parse_upstream(payload)
-            scope = self.upstream.scope(request)
-            alert = await self.admission.submit(
-                request, source="mqtt", actor=request.sender or "upstream", scope=scope, payload=payload
-            )
+            envelope = read_envelope(payload, self.admission.limits) if is_xml(payload) else None
+            if envelope is not None:
+                await self._judge_envelope(item, envelope)
+                return
+            request, alert, what = await self._admit(payload)
         except IngestError as e:
             await self._refuse(item, e)
             return
-        await self._verdict(item.row, outcome="accepted", detail=request.msg_type.value, alert_id=alert.id)
-        self.respond(
-            properties,
-            {
-                "status": "accepted",
-                "msg_type": request.msg_type.value,
-                "id": alert.id,
-                "identifier": request.identifier,
-                "state": alert.state.value,
-                "state_topic": self.topics.alert_state(alert.id),
-            },
+        await self._verdict(item.row, outcome="accepted", detail=what, alert_id=alert.id)
+        self.respond(properties, self._accepted(request, alert, what))
+
+    async def _admit(self, payload: bytes) -> tuple[AlertRequest, Alert, str]:
+        """Parse, vouch for, scope and submit one alert (or update, or cancel); IngestError if refused.
+        Returns the request, its alert and what it did (its msgType, or `update-ends`).
+
+        An Update whose expires has passed ends the active alert of its sender it references."""
+        try:
+            request = self.admission.parse_upstream(payload)
+        except EndingUpdate as ending:
+            scope = self.upstream.scope(ending.request)
+            alert = await self.admission.end_by_update(ending, scope=scope, payload=payload)
+            return ending.request, alert, UPDATE_ENDS
+        scope = self.upstream.scope(request)
+        alert = await self.admission.submit(
+            request, source="mqtt", actor=request.sender or "upstream", scope=scope, payload=payload
+        )
+        return request, alert, request.msg_type.value
+
+    def _accepted(self, request: AlertRequest, alert: Alert, what: str) -> dict[str, Any]:
+        return {
+            "status": "accepted",
+            "msg_type": what,
+            "id": alert.id,
+            "identifier": request.identifier,
+            "state": alert.state.value,
+            "state_topic": self.topics.alert_state(alert.id),
+        }
+
+    async def _judge_envelope(self, item: _Journalled, envelope: Envelope) -> None:
+        """Judge each part of an EDXL-DE envelope on its own; one verdict row that lists them all."""
+        accepted: list[str] = []
+        said: list[str] = []
+        for part in envelope.parts:
+            where = {
+                "distribution_id": envelope.distribution_id,
+                "sender_id": envelope.sender_id,
+                "part": part.index,
+                "parts": len(envelope.parts),
+                "path": part.path,
+                "sha256": part.sha256,
+            }
+            try:
+                if part.payload is None:
+                    raise part.error or IngestError(Reason.SCHEMA, "no enclosed alert")
+                request, alert, what = await self._admit(part.payload)
+            except IngestError as e:
+                detail = f"EDXL-DE {part.path}: {e.detail}"
+                self.reject(item.payload, IngestError(e.reason, detail, e.identifier), item.properties, where)
+                said.append(f"{part.path} rejected {e.reason.value}: {e.detail}")
+                continue
+            accepted.append(alert.id)
+            said.append(f"{part.path} accepted {what} as {alert.id}")
+            self.respond(item.properties, {**self._accepted(request, alert, what), "envelope": where})
+        outcome = "rejected" if not accepted else "accepted" if len(accepted) == len(said) else "partial"
+        log.info(
+            "ingest.envelope",
+            distribution_id=envelope.distribution_id,
+            parts=len(envelope.parts),
+            accepted=len(accepted),
+            alert_ids=accepted,
+        )
+        head = f"EDXL-DE {envelope.distribution_id!r}, {len(envelope.parts)} part(s): "
+        await self._verdict(
+            item.row, outcome=outcome, detail=head + "; ".join(said), alert_id=",".join(accepted) or None
         )
 
     async def _refuse(self, item: _Journalled, err: IngestError) -> None:
@@ -198,15 +260,20 @@ class UpstreamIngest:
             self.metrics.journal_failures.labels("verdict").inc()
             log.error("journal.verdict_failed", row=row, outcome=outcome, error=str(e))
 
-    def reject(self, payload: bytes, err: IngestError, properties: Any = None) -> None:
-        """Refuse a message: rejection topic, response topic, log, metric."""
+    def reject(
+        self, payload: bytes, err: IngestError, properties: Any = None, envelope: dict[str, Any] | None = None
+    ) -> None:
+        """Refuse a message (or, with `envelope`, one part of an EDXL-DE envelope): rejection topic,
+        response topic, log, metric."""
         self.metrics.rejected.labels(err.reason.value).inc()
-        doc = {
+        doc: dict[str, Any] = {
             "reason": err.reason.value,
             "detail": err.detail,
             "identifier": err.identifier,
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
+        if envelope is not None:
+            doc["envelope"] = envelope
         self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
         self.respond(properties, {"status": "rejected", **doc})
         log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)

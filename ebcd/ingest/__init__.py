@@ -7,9 +7,28 @@ that says what and where.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
-MAX_PAYLOAD_BYTES = 256 * 1024
+# Real CAP documents reach about 900 KB (IPAWS inline MP3 audio: 459 KB; one 41,009-point warning
+# polygon: 881 KB); 2 MiB admits them with room, and stays a bounded parse (bench/cap.py).
+MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+MAX_DEPTH = 64  # XML nesting; a CAP alert with an XML-DSig signature needs about 8
+# A weather service's Update in 8 languages with 1,344 geocodes each is ~32,000 elements.
+MAX_ELEMENTS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much of an upstream payload is read: its bytes before parsing; XML nesting and
+    elements while parsing ([ingest] in the config)."""
+
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_depth: int = MAX_DEPTH
+    max_elements: int = MAX_ELEMENTS
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class Reason(StrEnum):

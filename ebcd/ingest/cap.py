@@ -19,7 +19,9 @@ document against CAP 1.2; this module decides what the district does with it:
   `no_target_in_district` (ebcd never guesses an area); a Cancel needs none.
 - text: headline, description and instruction (else the event name), whitespace tidied, cut to
   `MAX_TEXT_CHARS`. ttl: `<expires>` minus now, at most `MAX_TTL_S`; already expired is refused;
-  without `<expires>`, `default_ttl_s`.
+  without `<expires>`, `default_ttl_s`. An Update already expired raises `EndingUpdate` (an
+  `expired` refusal carrying the Update as a Cancel): admission ends with it the active alert of
+  the same sender it references, and refuses it `expired` if there is none.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from ebcd.ingest import IngestError, Reason
+from ebcd.ingest import DEFAULT_LIMITS, IngestError, Limits, Reason
 from ebcd.ingest.cap_model import (
     CapMessage,
     CapMsgType,
@@ -135,6 +137,19 @@ class CapAlert:
         return self.message.document[span.start : span.end]
 
 
+class EndingUpdate(IngestError):
+    """An Update whose `<expires>` has passed: `expired`, unless it ends an alert it references.
+
+    `cap` is the Update as a Cancel of what it references; admission applies it only to an active
+    alert of the same sender and refuses it `expired` (this error) otherwise. A caller that does
+    not know the rule refuses it `expired`, as before the rule."""
+
+    def __init__(self, detail: str, cap: CapAlert, request: AlertRequest | None = None) -> None:
+        super().__init__(Reason.EXPIRED, detail, cap.identifier)
+        self.cap = cap
+        self.request = request or cap.request
+
+
 @dataclass(slots=True)
 class _Choice:
     index: int
@@ -152,6 +167,7 @@ def parse_cap(
     default_ttl_s: float = DEFAULT_TTL_S,
     event_code_names: Collection[str] = EVENT_CODE_VALUE_NAMES,
     vouch: Callable[[CapMessage], None] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> CapAlert:
     """Turn a CAP 1.2 document into a `CapAlert` for the district, or raise IngestError.
 
@@ -164,7 +180,7 @@ def parse_cap(
         now = datetime.now(UTC)
     elif now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    message = read_cap(payload)
+    message = read_cap(payload, limits)
     if vouch is not None:
         vouch(message)
     names = frozenset(_normalised(n) for n in event_code_names)
@@ -199,13 +215,16 @@ def _to_alert(
         )
         return _result(message, request, None, "no <info>", False, [], notes)
     info, path = choice.info, f"info[{choice.index}]"
-    if not choice.targets and msg_type is not MsgType.CANCEL:
+    # An Update whose expires has passed ends what it references (a tsunami centre's last word:
+    # urgency Past, expires = sent); like a Cancel it needs no area and no text.
+    ending = msg_type is MsgType.UPDATE and info.expires is not None and info.expires <= now
+    if not choice.targets and msg_type is not MsgType.CANCEL and not ending:
         seen = "; ".join(choice.ignored[:5]) or "no geocode, polygon or circle"
         detail = f"{path}: no area of district {county} ({seen})"
         raise IngestError(Reason.NO_TARGET_IN_DISTRICT, detail, ident)
     event_type, source = _event_type(info, path, message.status, test, names, notes)
     text, truncated = _compose_text(info)
-    if not text and msg_type is not MsgType.CANCEL:
+    if not text and msg_type is not MsgType.CANCEL and not ending:
         detail = f"{path}: no headline, description, instruction or event to broadcast"
         raise IngestError(Reason.SCHEMA, detail, ident)
     ttl_s = default_ttl_s
@@ -213,6 +232,13 @@ def _to_alert(
         remaining = (info.expires - now).total_seconds()
         if remaining <= 0 and msg_type is not MsgType.CANCEL:
             detail = f"{path}/expires: {info.expires.isoformat()} is {-remaining:.0f} s in the past"
+            if ending:
+                level, cancel = LEVEL_BY_SEVERITY[info.severity], MsgType.CANCEL
+                request = _request(
+                    message, cancel, test, level=level, text="", ttl_s=default_ttl_s, event_type=event_type
+                )
+                ended = _result(message, request, choice, source, truncated, choice.ignored, notes)
+                raise EndingUpdate(detail, ended)
             raise IngestError(Reason.EXPIRED, detail, ident)
         if remaining > MAX_TTL_S:
             notes.append(f"{path}/expires is {remaining:.0f} s away; ttl capped at {MAX_TTL_S:.0f} s")

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import TypeVar
 
-from ebcd.ingest import IngestError, Reason
+from ebcd.ingest import DEFAULT_LIMITS, IngestError, Limits, Reason
 from ebcd.ingest.cap_model import (
     CAP12_NS,
     DSIG_NS,
@@ -111,9 +111,9 @@ _FORBIDDEN_IN_ID = re.compile(r"[\s,<&]")
 _E = TypeVar("_E", bound=StrEnum)
 
 
-def read_cap(payload: bytes) -> CapMessage:
+def read_cap(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> CapMessage:
     """Parse and check a CAP 1.2 document; raise IngestError naming the offending element."""
-    doc = parse_xml(payload)
+    doc = parse_xml(payload, limits)
     root = doc.root
     identifier = _peek_identifier(root)
     try:

@@ -19,10 +19,9 @@ from typing import Any
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import DefusedXMLParser, ParseError
 
-from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
+from ebcd.ingest import DEFAULT_LIMITS, MAX_DEPTH, MAX_ELEMENTS, IngestError, Limits, Reason
 
-MAX_DEPTH = 64
-MAX_ELEMENTS = 20_000
+__all__ = ["MAX_DEPTH", "MAX_DETAIL_CHARS", "MAX_ELEMENTS", "Element", "XmlDocument", "bounded", "parse_xml"]
 MAX_DETAIL_CHARS = 300  # details name what the sender wrote; a hostile sender writes a lot
 
 _DECLARED_ENCODING = re.compile(
@@ -77,7 +76,9 @@ class XmlDocument:
 class _TreeBuilder:
     """Target for expat events; builds `Element`s and enforces the depth and count limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits) -> None:
+        self.max_depth = limits.max_depth
+        self.max_elements = limits.max_elements
         self.expat: Any = None
         self.root: Element | None = None
         self._stack: list[Element] = []
@@ -86,11 +87,11 @@ class _TreeBuilder:
         self._names: dict[str, tuple[str, str]] = {}
 
     def start(self, tag: str, attributes: list[str]) -> None:
-        if len(self._stack) >= MAX_DEPTH:
-            raise IngestError(Reason.FORBIDDEN_XML, f"elements nested deeper than {MAX_DEPTH} levels")
+        if len(self._stack) >= self.max_depth:
+            raise IngestError(Reason.FORBIDDEN_XML, f"elements nested deeper than {self.max_depth} levels")
         self._count += 1
-        if self._count > MAX_ELEMENTS:
-            raise IngestError(Reason.TOO_LARGE, f"more than {MAX_ELEMENTS} elements")
+        if self._count > self.max_elements:
+            raise IngestError(Reason.TOO_LARGE, f"more than {self.max_elements} elements")
         ns, name = self._names.get(tag) or self._split(tag)
         attrib = {}
         for i in range(0, len(attributes), 2):
@@ -121,14 +122,14 @@ class _TreeBuilder:
         return self.root
 
 
-def parse_xml(payload: bytes) -> XmlDocument:
+def parse_xml(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> XmlDocument:
     """Parse untrusted bytes into an `XmlDocument`, or raise IngestError saying why not."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
+    if len(payload) > limits.max_payload_bytes:
         raise IngestError(
-            Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES} bytes"
+            Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes} bytes"
         )
     data, transcoded_from = _transcode(payload)
-    builder = _TreeBuilder()
+    builder = _TreeBuilder(limits)
     parser = DefusedXMLParser(target=builder, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     # defusedxml guards the expat parser itself; the element events go straight to the builder,
     # skipping ElementTree's per-element name fixing (a third of the time on large documents).

@@ -15,10 +15,10 @@ MAX_JSON_DEPTH = 32
 _ALIASES = {"msgType": "msg_type", "event": "event_type", "ttl": "ttl_s"}
 
 
-def parse_json_alert(payload: bytes) -> AlertRequest:
+def parse_json_alert(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> AlertRequest:
     """Parse and validate a JSON alert; raise IngestError with a reason and the field at fault."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise IngestError(Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if len(payload) > max_bytes:
+        raise IngestError(Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}")
     try:
         raw = json.loads(payload)
     except RecursionError:

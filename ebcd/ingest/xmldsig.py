@@ -16,6 +16,17 @@ children, and the content signxml reports as signed is that same alert. A docume
 signatures (NAADS and Environment Canada each sign the alert independently) is accepted when any
 one of them verifies, each checked with the other `<ds:Signature>` elements removed.
 
+Every base64 value of a signature (SignatureValue, DigestValue, certificates, key values) is
+decoded strictly before anything is verified: only the base64 alphabet and whitespace, correct
+padding, and the unused bits of the last character zero (RFC 4648, section 3.5). A lenient
+decoder maps several texts to the same bytes, so a document whose padding bits were changed
+would verify though it is not the document that was signed.
+
+A sender may be `whitespace_tolerant`: when, and only when, strict verification fails, the check
+is run once more on the document with every whitespace-only text node between elements dropped
+(what pretty-printing adds or changes after signing) and nothing else changed. The README's
+"Real CAP feeds" section gives the security argument.
+
 The payload is parsed again here with a hardened lxml parser (no DTD, no entities, no network),
 even though ingest has parsed it with defusedxml already.
 """
@@ -23,7 +34,9 @@ even though ingest has parsed it with defusedxml already.
 from __future__ import annotations
 
 import base64
+import binascii
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -48,6 +61,30 @@ _ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
 _ALLOWED_TRANSFORMS = frozenset({_ENVELOPED, *(c.value for c in CanonicalizationMethod)})
 _MAX_QUOTED = 100  # characters of sender-controlled text (Ids, subjects) quoted in a detail
 _VerifyKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | dsa.DSAPublicKey
+# ds: and dsig11: elements whose content is base64Binary (XML-DSig 1.1, section 4 and its schemas)
+_BASE64_ELEMENTS = frozenset(
+    {
+        "SignatureValue",
+        "DigestValue",
+        "X509Certificate",
+        "X509CRL",
+        "X509SKI",
+        "Modulus",
+        "Exponent",
+        "P",
+        "Q",
+        "G",
+        "Y",
+        "J",
+        "Seed",
+        "PgenCounter",
+        "PublicKey",
+        "DEREncodedKeyValue",
+        "OCSPResponse",
+    }
+)
+_DSIG11_NS = "http://www.w3.org/2009/xmldsig11#"
+_XML_WHITESPACE = re.compile(r"[ \t\r\n]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +124,22 @@ class _Verifier(XMLVerifier):
 class CapSignatureCheck:
     """Verifies enveloped XML-DSig signatures on CAP 1.2 documents against pinned keys."""
 
-    def __init__(self, trusted: Sequence[TrustedKey], *, allow_sha1: bool = False) -> None:
-        """Trust exactly `trusted`; accept SHA-1 signature or digest methods only if `allow_sha1`."""
+    def __init__(
+        self,
+        trusted: Sequence[TrustedKey],
+        *,
+        allow_sha1: bool = False,
+        whitespace_tolerant: bool = False,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        """Trust exactly `trusted`; accept SHA-1 signature or digest methods only if `allow_sha1`;
+        retry once without whitespace between elements only if `whitespace_tolerant`."""
         if not trusted:
             raise ValueError("no trusted certificate given")
+        self.max_payload_bytes = max_payload_bytes
         self.trusted = tuple(trusted)
         self.allow_sha1 = allow_sha1
+        self.whitespace_tolerant = whitespace_tolerant
         self._config = SignatureConfiguration(
             require_x509=True,
             location="./",  # a direct child of <alert>
@@ -107,14 +154,26 @@ class CapSignatureCheck:
         )
 
     @classmethod
-    def from_files(cls, paths: Sequence[Path], *, allow_sha1: bool = False) -> CapSignatureCheck:
+    def from_files(
+        cls,
+        paths: Sequence[Path],
+        *,
+        allow_sha1: bool = False,
+        whitespace_tolerant: bool = False,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> CapSignatureCheck:
         """Load PEM certificates (one or more per file) or a PEM public key per file.
 
         Raises ValueError naming the file that cannot be read or holds no usable key.
         """
         if not paths:
             raise ValueError("no trusted certificate file given")
-        return cls([key for path in paths for key in _load(Path(path))], allow_sha1=allow_sha1)
+        return cls(
+            [key for path in paths for key in _load(Path(path))],
+            allow_sha1=allow_sha1,
+            whitespace_tolerant=whitespace_tolerant,
+            max_payload_bytes=max_payload_bytes,
+        )
 
     @property
     def expired(self) -> tuple[TrustedKey, ...]:
@@ -122,16 +181,17 @@ class CapSignatureCheck:
         now = datetime.now(UTC)
         return tuple(k for k in self.trusted if k.not_after is not None and k.not_after < now)
 
-    def verify(self, payload: bytes, *, sender: str | None = None) -> None:
-        """Return if one signature of `payload` verifies against a trusted key and covers the alert.
+    def verify(self, payload: bytes, *, sender: str | None = None) -> bool:
+        """Return if one signature of `payload` verifies against a trusted key and covers the alert:
+        True if it did so only with whitespace between elements dropped (`whitespace_tolerant`).
 
         Raises IngestError(BAD_SIGNATURE) otherwise (TOO_LARGE above MAX_PAYLOAD_BYTES);
         `sender` only names the sender in the detail.
         """
         who = f"sender {_quote(sender)}" if sender else "the sender"
-        if len(payload) > MAX_PAYLOAD_BYTES:
+        if len(payload) > self.max_payload_bytes:
             raise IngestError(
-                Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
+                Reason.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {self.max_payload_bytes}"
             )
         root = _parse(payload)
         identifier = _text(root.find(f"{{{CAP12_NS}}}identifier")) if root.tag == _ALERT else None
@@ -148,18 +208,36 @@ class CapSignatureCheck:
             raise refuse("a <ds:Signature> sits below a child of <alert>; only enveloped signatures count")
         if not signatures:
             raise refuse(f"{who} signs its alerts, but this document carries no <ds:Signature>")
+        for signature in signatures:
+            problem = _strict_base64(signature)
+            if problem:
+                raise refuse(problem)
         unsigned_elements = _count(root) - sum(_count(s) for s in signatures)
 
+        strict = self._any_verifies(root, unsigned_elements, identifier, who)
+        if strict is None:
+            return False
+        if not self.whitespace_tolerant:
+            raise refuse(strict)
+        normalised = _without_whitespace_between_elements(root)
+        tolerant = self._any_verifies(normalised, unsigned_elements, identifier, who)
+        if tolerant is None:
+            return True
+        raise refuse(f"{strict}; and with whitespace between elements dropped: {tolerant}")
+
+    def _any_verifies(self, root: Any, elements: int, identifier: str | None, who: str) -> str | None:
+        """None if one of the document's signatures verifies and covers the alert, else why none does."""
+        signatures = root.findall(_SIGNATURE)
         failures = []
         for index, signature in enumerate(signatures):
-            failure = self._check(root, index, signature, unsigned_elements, identifier, who)
+            failure = self._check(root, index, signature, elements, identifier, who)
             if failure is None:
-                return
+                return None
             label = (
                 f"signature {_quote(signature.get('Id') or f'#{index + 1}')}: " if len(signatures) > 1 else ""
             )
             failures.append(label + failure)
-        raise refuse("; ".join(failures))
+        return "; ".join(failures)
 
     def _check(
         self, root: Any, index: int, signature: Any, elements: int, identifier: str | None, who: str
@@ -323,12 +401,12 @@ def _key_info(signature: Any) -> tuple[str, bytes | None]:
     ds = f"{{{DSIG_NS}}}"
     try:
         for element in signature.iterfind(f"{ds}KeyInfo/{ds}X509Data/{ds}X509Certificate"):
-            cert = x509.load_der_x509_certificate(base64.b64decode(element.text or ""))
+            cert = x509.load_der_x509_certificate(_decode_strictly(element.text or ""))
             return f"certificate {_subject(cert)}", _spki(cert.public_key())
         rsa_value = signature.find(f"{ds}KeyInfo/{ds}KeyValue/{ds}RSAKeyValue")
         if rsa_value is not None:
             n, e = (
-                int.from_bytes(base64.b64decode(rsa_value.findtext(f"{ds}{tag}") or ""))
+                int.from_bytes(_decode_strictly(rsa_value.findtext(f"{ds}{tag}") or ""))
                 for tag in ("Modulus", "Exponent")
             )
             return f"the RSA key in <KeyValue> ({n.bit_length()} bits)", _spki(
@@ -338,6 +416,45 @@ def _key_info(signature: Any) -> tuple[str, bytes | None]:
         return "an unreadable key in <KeyInfo>", None
     name = signature.findtext(f"{ds}KeyInfo/{ds}X509Data/{ds}X509SubjectName")
     return (f"certificate {_quote(name.strip())}" if name else ""), None
+
+
+def _decode_strictly(text: str) -> bytes:
+    """base64Binary content to bytes: whitespace allowed, anything else non-canonical refused."""
+    compact = _XML_WHITESPACE.sub("", text)
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not base64: {exc}") from None
+    if base64.b64encode(data).decode("ascii") != compact:
+        raise ValueError("not canonical base64 (the unused bits of its last character are not zero)")
+    return data
+
+
+def _strict_base64(signature: Any) -> str | None:
+    """Why a base64 value in a `<Signature>` is not strict base64, if one is not."""
+    for element in signature.iter(etree.Element):
+        qname = etree.QName(element)
+        if qname.namespace in (DSIG_NS, _DSIG11_NS) and qname.localname in _BASE64_ELEMENTS:
+            try:
+                _decode_strictly(element.text or "")
+            except ValueError as exc:
+                return f"<{qname.localname}> is {exc}: refused, it is not the value that was signed"
+    return None
+
+
+def _without_whitespace_between_elements(root: Any) -> Any:
+    """A copy of the document with every whitespace-only text node between elements dropped.
+
+    Text before an element's first child and after each child (tails) that is whitespace only
+    goes; text of an element without children (every CAP value) is kept exactly as it is.
+    """
+    document = copy.deepcopy(root)
+    for element in document.iter():
+        if len(element) and element.text is not None and not element.text.strip(" \t\r\n"):
+            element.text = None
+        if element is not document and element.tail is not None and not element.tail.strip(" \t\r\n"):
+            element.tail = None
+    return document
 
 
 def _spki(key: Any) -> bytes:

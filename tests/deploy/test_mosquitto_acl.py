@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ebcd.config import load_config, shipped_config_path
+from ebcd.ingest import MAX_PAYLOAD_BYTES
 from tests.conftest import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -485,3 +486,13 @@ def test_ebcd_session_survives_a_broker_restart(broker: Mosquitto, tmp_path: Pat
         for client in made:
             client.close()
         server.stop()
+
+
+def test_the_shipped_broker_carries_an_upstream_alert_over_ebcds_own_size_limit(connect: Connect) -> None:
+    """ebcd, not the broker, refuses a large alert: the sender then gets ebcd's `too_large` answer."""
+    ebcd = connect("ebcd", topic("alerts/in"))
+    upstream = connect("upstream")
+    large = unique("large") + "x" * (MAX_PAYLOAD_BYTES + 1024)
+    assert not upstream.publish(topic("alerts/in"), large).is_failure
+    seen = ebcd.until(large)
+    assert len(seen[-1][1]) > MAX_PAYLOAD_BYTES

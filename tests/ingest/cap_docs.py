@@ -112,3 +112,36 @@ def alert(
         f"<status>{status}</status><msgType>{msg_type}</msgType><scope>{scope}</scope>"
         f"{head}{refs}{body}{tail}</alert>"
     ).encode()
+
+
+EDXL_DE = "urn:oasis:names:tc:emergency:EDXL:DE:1.0"
+
+
+def strip_declaration(document: bytes) -> bytes:
+    """A document without its XML declaration, ready to be embedded in another."""
+    return re.sub(rb"\A<\?xml[^>]*\?>\s*", b"", document)
+
+
+def envelope(*contents: bytes | str, distribution_id: str = "EDXL-0001", head: str = "") -> bytes:
+    """An EDXL-DE 1.0 distribution; each content is a CAP document to embed (bytes) or the XML of
+    a whole `<contentObject>` (str)."""
+    objects = []
+    for content in contents:
+        if isinstance(content, str):
+            objects.append(content.encode())
+            continue
+        objects.append(
+            b"<contentObject><contentDescription>CAP</contentDescription><xmlContent><embeddedXMLContent>"
+            + strip_declaration(content)
+            + b"</embeddedXMLContent></xmlContent></contentObject>"
+        )
+    return (
+        (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<EDXLDistribution xmlns="{EDXL_DE}"{head}>'
+            f"<distributionID>{distribution_id}</distributionID><senderID>ews@example.gov.cn</senderID>"
+            "<dateTimeSent>2024-07-01T08:00:00+08:00</dateTimeSent><distributionStatus>Actual</distributionStatus>"
+            "<distributionType>Report</distributionType><combinedConfidentiality>UNCLASSIFIED</combinedConfidentiality>"
+        ).encode()
+        + b"".join(objects)
+        + b"</EDXLDistribution>"
+    )

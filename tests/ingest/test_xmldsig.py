@@ -19,7 +19,7 @@ from lxml import etree  # type: ignore[import-untyped]
 from signxml.signer import XMLSigner
 from signxml.verifier import VerifyResult, XMLVerifier
 
-from ebcd.ingest import IngestError, Reason
+from ebcd.ingest import MAX_PAYLOAD_BYTES, IngestError, Reason
 from ebcd.ingest.xmldsig import CapSignatureCheck
 from tests.ingest.cap_docs import FIXTURES, alert, info
 
@@ -374,7 +374,7 @@ def test_entity_bomb_is_refused_quickly(tmp_path: Path) -> None:
 
 def test_oversized_payload_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IngestError) as caught:
-        check_for(tmp_path).verify(b"<a>" + b"x" * 300_000 + b"</a>")
+        check_for(tmp_path).verify(b"<a>" + b"x" * MAX_PAYLOAD_BYTES + b"</a>")
     assert caught.value.reason is Reason.TOO_LARGE
 
 
