@@ -22,16 +22,25 @@ from zoneinfo import ZoneInfo
 import aiohttp
 from aiohttp import web
 
+from ebcd.config import Config
 from ebcd.ingest import Reason
 from ebcd.protocols.ebd import EbdError, ResultCode
 from ebcd.protocols.ebd.documents import Ebm, Header, as_dict, child_text, ebm_body, response_body
 from ebcd.protocols.ebd.envelope import open_package, seal
 from ebcd.protocols.ebd.package import multipart, tar_name, tar_of_body
 from ebcd.protocols.ebd.signature import TrustedKey
+from ebcd.security.bench import verifier_from
 from ebcd.security.signing import SM2_N, Signer, Sm2SigningKey
 
 BENCH_CITY_CODE = "34152000000000001010101"  # a city platform (level 3, area 341520000000)
 _SEED = hashlib.sha256(b"ebcd simulated city platform key - published, not secret").digest()
+
+
+def ebcd_keys(config: Config) -> list[TrustedKey]:
+    """What the city verifies ebcd's packages with: ebcd's [security] public key."""
+    sec = config.security
+    verifier = verifier_from(sec.public_key, sec.scheme, config.base_dir)
+    return [TrustedKey(f"ebcd key {serial}", key) for serial, key in verifier.keys.items()]
 
 
 def bench_city_signer() -> Signer:
@@ -238,3 +247,82 @@ class CityPlatform:
             while not predicate():
                 self.changed.clear()
                 await self.changed.wait()
+
+
+def describe(got: Got) -> str:
+    """One line for an engineer: what ebcd sent up."""
+    b = got.body or {}
+    sig = f"signed by {got.signed_by}" if got.signed_by else "unsigned"
+    if got.ebd_type == "EBMStateResponse":
+        cov = b.get("Coverage") or {}
+        items = (b.get("ResBrdInfo") or {}).get("ResBrdItem") or []
+        items = items if isinstance(items, list) else [items]
+        rooms = "; ".join(str(i.get("EBRBS", {}).get("BrdStateDesc", "")) for i in items[:8])
+        more = f" (+{len(items) - 8} rooms)" if len(items) > 8 else ""
+        return (
+            f"EBMStateResponse {b['EBM']['EBMID']}: state {b.get('BrdStateCode')} {b.get('BrdStateDesc')}, "
+            f"coverage {cov.get('CoverageRate', '-')} ({cov.get('ResBrdStat', '-')}) "
+            f"rooms: {rooms}{more} [{sig}]"
+        )
+    if got.ebd_type == "EBMBrdLog":
+        item = b.get("EBMBrdItem") or {}
+        cov = item.get("Coverage") or {}
+        return (
+            f"EBMBrdLog {item.get('EBM', {}).get('EBMID')}: state {item.get('BrdStateCode')} "
+            f"{item.get('BrdStateDesc')}, coverage {cov.get('CoverageRate')} [{sig}]"
+        )
+    if got.ebd_type == "EBRDTInfo":
+        dts = b.get("EBRDT") or []
+        return f"EBRDTInfo: {len(dts) if isinstance(dts, list) else 1} terminals [{sig}]"
+    if got.ebd_type == "EBRDTState":
+        dts = b.get("EBRDT") or []
+        dts = dts if isinstance(dts, list) else [dts]
+        counts: dict[str, int] = {}
+        for d in dts:
+            counts[d.get("StateDesc", "?")] = counts.get(d.get("StateDesc", "?"), 0) + 1
+        return f"EBRDTState: {len(dts)} terminals changed: {counts} [{sig}]"
+    if got.ebd_type == "ConnectionCheck":
+        return f"ConnectionCheck {b.get('RptTime', '')} [{sig}]"
+    return f"{got.ebd_type} [{sig}]"
+
+
+async def run_city(
+    city: CityPlatform,
+    *,
+    listen: tuple[str, int],
+    send: Ebm | None,
+    cancel: str | None,
+    seconds: float | None,
+    say: Callable[[str], None],
+) -> int:
+    """Listen, send what was asked, print what comes up; 0 unless ebcd refused what was sent (2)."""
+    city.on_package = lambda got: say(describe(got))
+    await city.start(*listen)
+    say(f"city platform {city.code} listening on {city.url}; sending to {city.to_url}")
+    code = 0
+    try:
+        for ebm in [e for e in (send,) if e is not None]:
+            result, desc = await city.send(ebm)
+            say(f"sent EBM {ebm.ebmid} (MsgType {ebm.msg_type}): ResultCode {result}: {desc}")
+            code = code or (0 if result == 1 else 2)
+        if cancel is not None:
+            result, desc = await city.cancel(cancel)
+            say(f"cancelled EBM {cancel}: ResultCode {result}: {desc}")
+            code = code or (0 if result == 1 else 2)
+        ended = send.ebmid if send is not None and send.msg_type != 2 else None
+        try:
+            async with asyncio.timeout(seconds):
+                if ended is not None and seconds is None:
+                    await city.wait(
+                        lambda: any(
+                            g.body["EBMBrdItem"]["EBM"]["EBMID"] == ended for g in city.of_type("EBMBrdLog")
+                        ),
+                        24 * 3600,
+                    )
+                else:
+                    await asyncio.Event().wait()
+        except TimeoutError:
+            pass
+    finally:
+        await city.down()
+    return code

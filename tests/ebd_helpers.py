@@ -8,17 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ebcd.config import Config, EbdConfig
-from ebcd.protocols.ebd.signature import TrustedKey, public_pem
-from ebcd.security.bench import verifier_from
-from simulators.city_platform import BENCH_CITY_CODE, CityPlatform, bench_city_signer
+from ebcd.protocols.ebd.signature import public_pem
+from simulators.city_platform import BENCH_CITY_CODE, CityPlatform, bench_city_signer, ebcd_keys
 from tests.conftest import free_port
-
-
-def ebcd_keys(config: Config) -> list[TrustedKey]:
-    """What the city verifies ebcd's packages with: ebcd's [security] public key."""
-    sec = config.security
-    verifier = verifier_from(sec.public_key, sec.scheme, config.base_dir)
-    return [TrustedKey(f"ebcd {serial}", key) for serial, key in verifier.keys.items()]
 
 
 def with_ebd(config: Config, tmp_path: Path, city_url: str, **ebd: Any) -> Config:

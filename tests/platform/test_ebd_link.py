@@ -145,7 +145,7 @@ async def test_a_cancel_from_above_and_a_state_request_and_inventory_on_request(
         city.to_url = ebd_url(config)
         async with (
             running_daemon(config, district, mosquitto.url, tmp_path) as daemon,
-            running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port),
+            running_fleet(config, district, village.terminals, mosquitto.host, mosquitto.port) as fleet,
         ):
             await wait_online(daemon, len(village.terminals))
             await city.wait(lambda: bool(city.of_type("EBRDTInfo")), 10)
@@ -161,6 +161,8 @@ async def test_a_cancel_from_above_and_a_state_request_and_inventory_on_request(
             code, desc = await city.cancel(ebm.ebmid)
             assert code == 1, desc
             await wait_for(lambda: run.state.value == "cancelled", 10)
+            sims = [s for s in fleet.terminals if s.terminal.code in {t.code for t in village.terminals}]
+            await wait_for(lambda: all(run.id in s.behaviour.stopped for s in sims), 10)  # they went silent
             await city.wait(lambda: any(g.body["BrdStateCode"] == "5" for g in city.states_of(ebm.ebmid)), 10)
             # the same cancel again is a duplicate, and says so
             assert (await city.cancel(ebm.ebmid))[0] == 5
