@@ -90,6 +90,8 @@ class EbdMetrics:
             self.received.labels(str(int(code)))
         for why in ("connect", "timeout", "status"):
             self.post_failures.labels(why)
+        for ebd_type in ("EBMStateResponse", "EBMBrdLog", "EBRDTInfo", "EBRDTState"):
+            self.sent.labels(ebd_type)
 
 
 @dataclass(slots=True)
