@@ -37,7 +37,7 @@ from ebcd.config import Config, UpstreamConfig, UpstreamSender
 from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import Core
 from ebcd.delivery.runner import Runner
-from ebcd.delivery.state import EBM_STATE, AState
+from ebcd.delivery.state import EBM_STATE, AState, Bucket
 from ebcd.ingest import IngestError, Reason
 from ebcd.journal.journal import Journal, JournalError
 from ebcd.metrics import Metrics
@@ -152,6 +152,11 @@ class EbdPlatform:
         self._waiting: dict[str, _Waiting] = {}  # EBMID -> broadcast waiting for its StartTime
         self._terminal_states: dict[str, str] = {}
         self.started = asyncio.Event()
+        if signer is None:
+            log.warning(
+                "ebd.unsigned",
+                hint="[security] scheme = none: the platform above will refuse ebcd's packages as unsigned",
+            )
 
     # -- identifiers -----------------------------------------------------------------------
     def _ebdid(self, seq: int) -> str:
@@ -450,8 +455,7 @@ class EbdPlatform:
 
     async def _report(self, alert: Alert, ebmid: str, *, force: bool = False) -> None:
         """An EBMStateResponse if anything it says changed (or `force`); at the end, the log too."""
-        c = alert.state_doc(self.district, self.runner.clock())
-        key = (EBM_STATE[alert.state], c["acked"], c["failed"], c["uncertain"], c["cancelled"], c["targets"])
+        key = (EBM_STATE[alert.state], alert.targets, *(alert.counts[b] for b in Bucket))
         now = time.time()
         if force or key != self._reported.get(alert.id):
             self._reported[alert.id] = key
@@ -476,6 +480,8 @@ class EbdPlatform:
                     continue
                 if alert.id in self._broadcasts or alert.id in self._reported:
                     await self._report_safely(alert, alert.request.identifier)
+                    if alert.closed and alert.id not in self._broadcasts:
+                        self._reported.pop(alert.id, None)  # past its time to live: nothing changes any more
 
     async def _report_safely(self, alert: Alert, ebmid: str) -> None:
         try:
