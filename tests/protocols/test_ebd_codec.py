@@ -7,6 +7,8 @@ import os
 import tarfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ebcd.ingest import Reason
 from ebcd.protocols.ebd import EbdError, ResultCode
@@ -252,3 +254,30 @@ def test_header_fields_survive_a_round_trip() -> None:
     tar = seal(None, h, ET.Element("ConnectionCheck"))
     got = open_package(tar, [], unsigned_types=frozenset({"ConnectionCheck"}))
     assert got.document.header == h
+
+
+_CITY = city_signer("ed25519")
+_GOOD, _ = signed_ebm_tar(_CITY)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_random_bytes_are_refused_with_a_result_code(data: bytes) -> None:
+    with pytest.raises(EbdError) as info:
+        open_package(data, trusted(_CITY))
+    assert info.value.code in (ResultCode.PARSE_FAILURE, ResultCode.MISSING_CONTENT, ResultCode.OTHER)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=len(_GOOD) - 1), st.integers(min_value=0, max_value=255))
+def test_truncated_or_flipped_packages_open_or_are_refused_never_crash(cut: int, byte: int) -> None:
+    for tar in (_GOOD[:cut], _GOOD[:cut] + bytes([byte]) + _GOOD[cut + 1 :]):
+        detail = None
+        try:
+            got = open_package(tar, trusted(_CITY))
+        except EbdError as e:
+            detail = e.detail
+        if detail is None:  # a flip in padding or a header field that does not matter: the document is intact
+            assert got.package.ebdb in _GOOD
+        else:
+            assert detail
