@@ -32,7 +32,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ebcd.admission.admission import Admission
-from ebcd.admission.authority import Scope, UpstreamAuthority
+from ebcd.admission.authority import AuthorityError, Scope, UpstreamAuthority
 from ebcd.config import Config, UpstreamConfig, UpstreamSender
 from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import Core
@@ -140,9 +140,12 @@ class EbdPlatform:
         sender = UpstreamSender(
             sender=self.upstream_code, levels=cfg.levels, event_types=cfg.event_types, area=cfg.area
         )
-        self.authority = UpstreamAuthority(
-            config.model_copy(update={"upstream": UpstreamConfig(senders=[sender])}), district
-        )
+        try:
+            self.authority = UpstreamAuthority(
+                config.model_copy(update={"upstream": UpstreamConfig(senders=[sender])}), district
+            )
+        except AuthorityError as e:  # it names the entry as [[upstream.senders]] #1: say where it is
+            raise AuthorityError(f"[ebd] levels/event_types/area: {e}") from None
         self.uplink = Uplink(cfg, self.ebd_metrics, self.keys)
         self._lock = asyncio.Lock()  # one package judged at a time, in arrival order
         self._outbox_id = 0

@@ -30,6 +30,7 @@ from ebcd.protocols.ebd import EbdError, ResultCode
 from ebcd.protocols.ebd.documents import child_text, xml_bytes
 from ebcd.security.signing import (
     Ed25519VerifyingKey,
+    SecurityError,
     Signer,
     Sm2VerifyingKey,
     VerifyingKey,
@@ -41,8 +42,8 @@ _OID_SM2 = bytes.fromhex("2a811ccf5501822d")  # 1.2.156.10197.1.301
 MAX_PEM_BYTES = 64 * 1024
 
 
-class KeyError_(ValueError):  # noqa: N801 -- a ValueError about a key, not the builtin KeyError
-    """A PEM file that holds no usable public key; names the file."""
+class EbdKeyError(SecurityError, ValueError):
+    """A PEM file that holds no usable public key; names the file ([ebd] verify_with stops the start)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +113,13 @@ def verify_ebds(ebds: bytes | None, ebdb: bytes, ebdid: str, keys: Sequence[Trus
 
 
 def load_public_keys(paths: Sequence[Path]) -> list[TrustedKey]:
-    """Every public key in the PEM files; KeyError_ naming a file that holds none."""
+    """Every public key in the PEM files; EbdKeyError naming a file that holds none."""
     keys: list[TrustedKey] = []
     for path in paths:
         try:
             text = path.read_bytes()[:MAX_PEM_BYTES]
         except OSError as e:
-            raise KeyError_(f"{path}: cannot read: {e.strerror}") from None
+            raise EbdKeyError(f"{path}: cannot read: {e.strerror}") from None
         keys.append(TrustedKey(str(path), public_key_from_pem(text, str(path))))
     return keys
 
@@ -130,7 +131,7 @@ def public_key_from_pem(pem: bytes, where: str = "PEM") -> VerifyingKey:
     except UnsupportedAlgorithm:
         loaded = None  # an SM2 curve the OpenSSL beneath cryptography does not know: read it ourselves
     except ValueError as e:
-        raise KeyError_(f"{where}: not a PEM public key ({e})") from None
+        raise EbdKeyError(f"{where}: not a PEM public key ({e})") from None
     if isinstance(loaded, ed25519.Ed25519PublicKey):
         return Ed25519VerifyingKey(loaded)
     der = _pem_der(pem, where)
@@ -138,7 +139,7 @@ def public_key_from_pem(pem: bytes, where: str = "PEM") -> VerifyingKey:
     try:
         return Sm2VerifyingKey(point)
     except ValueError as e:
-        raise KeyError_(f"{where}: {e}") from None
+        raise EbdKeyError(f"{where}: {e}") from None
 
 
 def sm2_public_pem(key: Sm2VerifyingKey) -> bytes:
@@ -165,12 +166,12 @@ def _pem_der(pem: bytes, where: str) -> bytes:
     text = pem.decode("ascii", "replace")
     begin, end = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
     if begin not in text or end not in text:
-        raise KeyError_(f"{where}: no '{begin}' block (SubjectPublicKeyInfo)")
+        raise EbdKeyError(f"{where}: no '{begin}' block (SubjectPublicKeyInfo)")
     body = text.split(begin, 1)[1].split(end, 1)[0]
     try:
         return base64.b64decode("".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise KeyError_(f"{where}: the PEM block is not base64") from None
+        raise EbdKeyError(f"{where}: the PEM block is not base64") from None
 
 
 def _tlv(tag: int, value: bytes) -> bytes:
@@ -184,15 +185,15 @@ def _tlv(tag: int, value: bytes) -> bytes:
 
 def _read_tlv(data: bytes, pos: int, tag: int, where: str) -> tuple[bytes, int]:
     if pos + 2 > len(data) or data[pos] != tag:
-        raise KeyError_(f"{where}: not a SubjectPublicKeyInfo (expected DER tag {tag:#04x} at byte {pos})")
+        raise EbdKeyError(f"{where}: not a SubjectPublicKeyInfo (expected DER tag {tag:#04x} at byte {pos})")
     n, pos = data[pos + 1], pos + 2
     if n & 0x80:
         width = n & 0x7F
         if width == 0 or width > 2 or pos + width > len(data):
-            raise KeyError_(f"{where}: bad DER length at byte {pos}")
+            raise EbdKeyError(f"{where}: bad DER length at byte {pos}")
         n, pos = int.from_bytes(data[pos : pos + width]), pos + width
     if pos + n > len(data):
-        raise KeyError_(f"{where}: DER value at byte {pos} runs past the end")
+        raise EbdKeyError(f"{where}: DER value at byte {pos} runs past the end")
     return data[pos : pos + n], pos + n
 
 
@@ -203,7 +204,7 @@ def _sm2_point(der: bytes, where: str) -> bytes:
     oid, apos = _read_tlv(algo, 0, 0x06, where)
     params = _read_tlv(algo, apos, 0x06, where)[0] if apos < len(algo) else b""
     if not (oid == _OID_SM2 or (oid == _OID_EC_PUBLIC_KEY and params == _OID_SM2)):
-        raise KeyError_(f"{where}: neither an SM2 nor an Ed25519 public key")
+        raise EbdKeyError(f"{where}: neither an SM2 nor an Ed25519 public key")
     if len(bits) != 66 or bits[:2] != b"\x00\x04":
-        raise KeyError_(f"{where}: the SM2 point is not an uncompressed 04‖x‖y")
+        raise EbdKeyError(f"{where}: the SM2 point is not an uncompressed 04‖x‖y")
     return bits[2:]
