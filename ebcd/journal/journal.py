@@ -189,11 +189,12 @@ class PruneResult:
     # the payload bytes cleared, the deleted alerts' documents and the text of their deliveries and
     # transitions; SQLite keeps the pages for new rows (the file stops growing, it shrinks only by VACUUM)
     bytes_freed: int = 0
+    ebd_sent: int = 0  # packages the platform above answered, deleted from the EBD outbox
 
     @property
     def rows(self) -> int:
         """Rows pruned, of every kind (a cleared payload counts as one)."""
-        return self.payloads + self.alerts + self.deliveries + self.transitions + self.dedupe
+        return self.payloads + self.alerts + self.deliveries + self.transitions + self.dedupe + self.ebd_sent
 
 
 PRUNE_BATCH_ROWS: Final = 1000  # received messages cleared per transaction
@@ -533,8 +534,10 @@ class Journal:
         if not self.enabled:
             return PruneResult()
         payloads, payload_bytes = await self._prune_payloads(raw_before)
+        ebd_sent, ebd_bytes = await self._prune_ebd_outbox(raw_before)
+        payload_bytes += ebd_bytes
         if alerts_before is None:
-            return PruneResult(payloads=payloads, bytes_freed=payload_bytes)
+            return PruneResult(payloads=payloads, bytes_freed=payload_bytes, ebd_sent=ebd_sent)
         alerts, deliveries, transitions, alert_bytes = await self._prune_alerts(alerts_before)
         # claims whose alert is gone: those of the alerts deleted now, or by a pass that ended early
         _, dedupe = await self._worker.write(
@@ -545,8 +548,26 @@ class Journal:
             )
         )
         return PruneResult(
-            payloads, alerts, deliveries, transitions, dedupe, bytes_freed=payload_bytes + alert_bytes
+            payloads,
+            alerts,
+            deliveries,
+            transitions,
+            dedupe,
+            bytes_freed=payload_bytes + alert_bytes,
+            ebd_sent=ebd_sent,
         )
+
+    async def _prune_ebd_outbox(self, before: float) -> tuple[int, int]:
+        """Delete packages sent up (and answered) before `before`: (packages, bytes). The newest row
+        always stays: the next outbox id, and so the next EBDID, is numbered from it."""
+        keep = "sent_at < ? AND id < (SELECT max(id) FROM ebd_outbox)"
+        (rows,) = await self._worker.read(
+            (f"SELECT count(*), coalesce(sum(length(package)), 0) FROM ebd_outbox WHERE {keep}", (before,))  # noqa: S608
+        )
+        if not rows[0][0]:
+            return 0, 0
+        await self._worker.write((f"DELETE FROM ebd_outbox WHERE {keep}", (before,)))  # noqa: S608
+        return int(rows[0][0]), int(rows[0][1])
 
     async def _prune_payloads(self, before: float) -> tuple[int, int]:
         """Clear judged payloads received before `before`: (messages, bytes)."""

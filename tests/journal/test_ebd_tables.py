@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ebcd.journal.journal import Journal
@@ -37,5 +38,22 @@ async def test_ebdid_claims_outbox_and_broadcasts_survive_a_reopen(tmp_path: Pat
         ]
         assert await j.ebd_last_outbox_id() == 4
         assert await j.ebd_open_broadcasts() == [("a-2", "ebm-2")]
+    finally:
+        await j.close()
+
+
+async def test_retention_deletes_answered_packages_but_keeps_the_unsent_and_the_newest(
+    tmp_path: Path,
+) -> None:
+    j = await Journal.open(tmp_path / "journal.sqlite3")
+    try:
+        for n in (1, 2, 3, 4):
+            await j.ebd_enqueue(n, f"e{n}", "EBRDTState", b"x" * 10)
+        for n in (1, 2, 4):
+            await j.ebd_sent(n, "1: ok")
+        result = await j.prune(time.time() + 1, None)
+        assert (result.ebd_sent, result.bytes_freed) == (2, 20)  # 1 and 2; 3 unsent, 4 the newest
+        assert [i for i, *_ in await j.ebd_unsent()] == [3]
+        assert await j.ebd_last_outbox_id() == 4
     finally:
         await j.close()
