@@ -190,11 +190,20 @@ class PruneResult:
     # transitions; SQLite keeps the pages for new rows (the file stops growing, it shrinks only by VACUUM)
     bytes_freed: int = 0
     ebd_sent: int = 0  # packages the platform above answered, deleted from the EBD outbox
+    ebd_seen: int = 0  # EBDIDs received, forgotten (an EBM's EBMID claim and its EndTime still hold)
 
     @property
     def rows(self) -> int:
         """Rows pruned, of every kind (a cleared payload counts as one)."""
-        return self.payloads + self.alerts + self.deliveries + self.transitions + self.dedupe + self.ebd_sent
+        return (
+            self.payloads
+            + self.alerts
+            + self.deliveries
+            + self.transitions
+            + self.dedupe
+            + self.ebd_sent
+            + self.ebd_seen
+        )
 
 
 PRUNE_BATCH_ROWS: Final = 1000  # received messages cleared per transaction
@@ -535,9 +544,15 @@ class Journal:
             return PruneResult()
         payloads, payload_bytes = await self._prune_payloads(raw_before)
         ebd_sent, ebd_bytes = await self._prune_ebd_outbox(raw_before)
+        ebd_seen = 0
+        (old,) = await self._worker.read(("SELECT 1 FROM ebd_seen WHERE at < ? LIMIT 1", (raw_before,)))
+        if old:  # no write transaction when there is nothing to forget
+            _, ebd_seen = await self._worker.write(("DELETE FROM ebd_seen WHERE at < ?", (raw_before,)))
         payload_bytes += ebd_bytes
         if alerts_before is None:
-            return PruneResult(payloads=payloads, bytes_freed=payload_bytes, ebd_sent=ebd_sent)
+            return PruneResult(
+                payloads=payloads, bytes_freed=payload_bytes, ebd_sent=ebd_sent, ebd_seen=ebd_seen
+            )
         alerts, deliveries, transitions, alert_bytes = await self._prune_alerts(alerts_before)
         # claims whose alert is gone: those of the alerts deleted now, or by a pass that ended early
         _, dedupe = await self._worker.write(
@@ -555,6 +570,7 @@ class Journal:
             dedupe,
             bytes_freed=payload_bytes + alert_bytes,
             ebd_sent=ebd_sent,
+            ebd_seen=ebd_seen,
         )
 
     async def _prune_ebd_outbox(self, before: float) -> tuple[int, int]:

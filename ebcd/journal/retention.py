@@ -65,6 +65,7 @@ async def run_retention(
                     transitions=result.transitions,
                     dedupe=result.dedupe,
                     ebd_sent=result.ebd_sent,
+                    ebd_seen=result.ebd_seen,
                     bytes_freed=result.bytes_freed,
                     raw_before=raw_before,
                     alerts_before=alerts_before,

@@ -51,8 +51,11 @@ async def test_retention_deletes_answered_packages_but_keeps_the_unsent_and_the_
             await j.ebd_enqueue(n, f"e{n}", "EBRDTState", b"x" * 10)
         for n in (1, 2, 4):
             await j.ebd_sent(n, "1: ok")
+        row = await j.record_received("ebd x", b"", 1.0, source="ebd")
+        assert await j.ebd_claim("1" * 41, row) is None
         result = await j.prune(time.time() + 1, None)
         assert (result.ebd_sent, result.bytes_freed) == (2, 20)  # 1 and 2; 3 unsent, 4 the newest
+        assert result.ebd_seen == 1
         assert [i for i, *_ in await j.ebd_unsent()] == [3]
         assert await j.ebd_last_outbox_id() == 4
     finally:
