@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import xml.etree.ElementTree as ET  # builds our own documents
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +57,7 @@ log = structlog.get_logger("ebcd.platform")
 
 TOPIC_PREFIX = "ebd "  # received.topic: "ebd <content type>" (what judging needs again after a crash)
 SCHEDULE_TICK_S = 0.25
+LOOP_RESTART_S = 1.0
 ENDED = frozenset({AState.COMPLETED, AState.PARTIAL, AState.CANCELLED, AState.EXPIRED, AState.REJECTED})
 
 
@@ -92,6 +93,12 @@ class EbdMetrics:
             self.post_failures.labels(why)
         for ebd_type in ("EBMStateResponse", "EBMBrdLog", "EBRDTInfo", "EBRDTState"):
             self.sent.labels(ebd_type)
+        self.loop_failures = Counter(
+            "ebcd_ebd_loop_failures",
+            "EBD loops that failed and were restarted, by loop",
+            ["loop"],
+            registry=registry,
+        )
 
 
 @dataclass(slots=True)
@@ -215,15 +222,31 @@ class EbdPlatform:
 
     async def run(self) -> None:
         """Send up, report, heartbeat and start waiting broadcasts, until cancelled."""
+        loops = {
+            "ebd-outbox": self._send_loop,
+            "ebd-reports": self._report_loop,
+            "ebd-heartbeat": self._heartbeat_loop,
+            "ebd-terminal-states": self._terminal_loop,
+            "ebd-start-times": self._start_loop,
+        }
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._send_loop(), name="ebd-outbox")
-                tg.create_task(self._report_loop(), name="ebd-reports")
-                tg.create_task(self._heartbeat_loop(), name="ebd-heartbeat")
-                tg.create_task(self._terminal_loop(), name="ebd-terminal-states")
-                tg.create_task(self._start_loop(), name="ebd-start-times")
+                for name, loop in loops.items():
+                    tg.create_task(self._forever(name, loop), name=name)
         finally:
             await self.uplink.close()
+
+    async def _forever(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a loop; if it fails (the journal, a bug), log it and start it again a second later:
+        the link to the platform above never takes the daemon down with it."""
+        while True:
+            try:
+                await loop()
+                return
+            except Exception:  # logged with its traceback, counted, retried; CancelledError passes
+                self.ebd_metrics.loop_failures.labels(name).inc()
+                log.exception("ebd.loop_failed", loop=name, retry_in_s=LOOP_RESTART_S)
+                await asyncio.sleep(LOOP_RESTART_S)
 
     # -- what comes down -------------------------------------------------------------------
     async def receive(self, body: bytes, content_type: str, too_large: int | None = None) -> bytes:
@@ -300,6 +323,13 @@ class EbdPlatform:
         except JournalError as e:
             self.metrics.journal_failures.labels("received").inc()
             err = EbdError(ResultCode.OTHER, Reason.JOURNAL, f"could not journal: {e}; send it again", their)
+            await self._refuse(row, err)
+            return err.code, err.detail, their
+        except Exception as e:  # a bug here must not stop the daemon, nor its next start (logged)
+            log.exception("ebd.judge_failed", row=row, ebdid=their)
+            err = EbdError(
+                ResultCode.OTHER, Reason.UNSUPPORTED, f"ebcd could not judge the package: {e!r}"[:300], their
+            )
             await self._refuse(row, err)
             return err.code, err.detail, their
         self.ebd_metrics.received.labels(str(int(ResultCode.OK))).inc()
