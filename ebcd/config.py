@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ebcd.admission.schedule import TestBroadcastConfig
 from ebcd.model.codes import CodeError, ResourceCode, check_area_code
@@ -174,6 +174,63 @@ class IngestConfig(_Strict):
     max_elements: int = Field(default=100_000, ge=1_000, le=1_000_000)  # refused `too_large`
 
 
+class EbdConfig(_Strict):
+    """EBD packages with the platform above (city or province) over HTTP (`ebcd.platform`); off
+    unless `listen` is set. Paths are relative to the config file's directory."""
+
+    listen: str | None = None  # HOST:PORT of ebcd's HTTP server for packages from above
+    upstream_url: str | None = None  # where ebcd POSTs its packages (state, logs, heartbeats, inventory)
+    upstream_code: str | None = Field(default=None, pattern=r"^(\d{18}|\d{23})$")  # its EBRID (SRC)
+    own_url: str | None = None  # ebcd's URL as the platform above reaches it (SRC/URL of what ebcd sends)
+    verify_with: list[str] = Field(default_factory=list)  # PEM public keys of the platform above
+    timezone: str = "Asia/Shanghai"  # the zone of every yyyy-MM-dd HH:mm:ss both ways
+    heartbeat_s: float = Field(default=30.0, gt=0)  # ConnectionCheck up this often
+    # what the platform above may address, as in [[upstream.senders]]
+    levels: list[int] = Field(default_factory=list)
+    event_types: list[str] = Field(default_factory=list)
+    area: list[str] = Field(default_factory=list)
+    max_package_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)  # a POST body, and a tar's files
+    max_files: int = Field(default=32, ge=2, le=10_000)  # files in one tar
+    # BrdStateCode as GS and DOMAIN.md number it ("gs": 0 unprocessed … 5 cancelled), or the older
+    # GRPlatForm/Lishui peers ("gr": 0 failed, 1 playing, 2 done)
+    state_codes: Literal["gs", "gr"] = "gs"
+    report_interval_s: float = Field(default=1.0, gt=0)  # EBMStateResponse of a broadcast at most this often
+    terminal_state_interval_s: float = Field(default=5.0, gt=0)  # EBRDTState of changed terminals
+    post_timeout_s: float = Field(default=10.0, gt=0)  # one POST up, answer included
+    retry_initial_s: float = Field(default=1.0, gt=0)  # a platform above that is down: backoff from
+    retry_max_s: float = Field(default=30.0, gt=0)  # ... to this
+    start_slack_s: float = Field(default=5.0, ge=0)  # a StartTime less than this ahead plays at once
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"listen {v!r}: expected HOST:PORT")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {v!r} is not an IANA zone name (e.g. Asia/Shanghai)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> EbdConfig:
+        if self.listen is not None:
+            if self.upstream_code is None:
+                raise ValueError("[ebd] listen needs upstream_code: the EBRID of the platform above")
+            if not self.verify_with:
+                raise ValueError("[ebd] listen needs verify_with: the platform above's public key(s) (PEM)")
+        return self
+
+
 class OperatorConfig(_Strict):
     """A room's operators on the control socket: OS users or groups, or a token in a file."""
 
@@ -248,6 +305,7 @@ class Config(_Strict):
     security: SecurityConfig = SecurityConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     ingest: IngestConfig = IngestConfig()
+    ebd: EbdConfig = EbdConfig()
     operators: list[OperatorConfig] = Field(default_factory=list)  # [[operators]] tables
     test_broadcast: list[TestBroadcastConfig] = Field(default_factory=list)  # [[test_broadcast]] tables
     daemon: DaemonConfig = DaemonConfig()

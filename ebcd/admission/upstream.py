@@ -94,7 +94,7 @@ class UpstreamIngest:
 
     async def recover(self) -> int:
         """Queue, before anything new, every message journalled but never judged; returns how many."""
-        rows = await self._journal().unjudged()
+        rows = await self._journal().unjudged(source="mqtt")
         for r in rows:
             self._judge.put_nowait(_Journalled(r.row_id, bytes(r.payload), False, None))
         if rows:

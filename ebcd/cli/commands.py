@@ -240,6 +240,75 @@ def simulate(
     raise typer.Exit(code)
 
 
+@app.command("simulate-upstream")
+def simulate_upstream(
+    listen: Annotated[str, typer.Option(help="HOST:PORT where the city takes ebcd's packages")],
+    to: Annotated[str, typer.Option(help="ebcd's EBD address (its listen), e.g. http://127.0.0.1:8181/ebd")],
+    config: ConfigOpt = None,
+    send: Annotated[
+        bool, typer.Option("--send", help="send an EBM (see --level, --event, --area, --text)")
+    ] = False,
+    level: Annotated[int, typer.Option(help="Severity 1..4")] = 2,
+    event: Annotated[str, typer.Option(help="EventType, 5 characters")] = "11B03",
+    area: Annotated[
+        list[str] | None, typer.Option(help="12-digit AreaCode (repeatable); default: the district")
+    ] = None,
+    title: Annotated[str, typer.Option(help="MsgTitle")] = "暴雨橙色预警",
+    text: Annotated[str, typer.Option(help="MsgDesc")] = "请注意防范，远离危险区域。",
+    drill: Annotated[bool, typer.Option(help="MsgType 3 (a drill) instead of 1 (live)")] = False,
+    minutes: Annotated[float, typer.Option(help="EndTime this long after StartTime")] = 30.0,
+    cancel: Annotated[str | None, typer.Option(help="cancel this EBMID (MsgType 2)")] = None,
+    seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--for", help="stop after this long (default: after the log of what was sent, or never)"
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
+) -> None:
+    """A simulated city platform: sends EBMs to ebcd over EBD, prints what ebcd reports up."""
+    from ebcd.security.signing import SecurityError
+    from simulators.city_platform import BENCH_CITY_CODE, CityPlatform, bench_city_signer, ebcd_keys, run_city
+
+    logsetup.setup(log_level)
+    cfg, district = _load(config)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise _fail(f"--listen {listen!r}: expected HOST:PORT")
+    try:
+        keys = ebcd_keys(cfg)
+    except (ValueError, SecurityError) as e:
+        raise _fail(f"ebcd's public key ([security] public_key): {e}") from None
+    city = CityPlatform(
+        code=cfg.ebd.upstream_code or BENCH_CITY_CODE,
+        signer=bench_city_signer(),
+        district_code=district.code,
+        ebcd_keys=keys,
+        to_url=to,
+        timezone=cfg.ebd.timezone,
+    )
+    ebm = None
+    if send:
+        ebm = city.ebm(
+            areas=area or [district.area],
+            level=level,
+            event=event,
+            title=title,
+            desc=text,
+            msg_type=3 if drill else 1,
+            minutes=minutes,
+        )
+    try:
+        code = asyncio.run(
+            run_city(city, listen=(host, int(port)), send=ebm, cancel=cancel, seconds=seconds, say=print)
+        )
+    except KeyboardInterrupt:
+        code = 0
+    except OSError as e:
+        raise _fail(f"simulate-upstream: {e}") from None
+    raise typer.Exit(code)
+
+
 @app.command()
 def demo(
     broker: BrokerOpt = None,

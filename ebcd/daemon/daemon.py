@@ -44,6 +44,8 @@ from ebcd.journal.retention import run_retention
 from ebcd.metrics import Metrics
 from ebcd.model.alert import AlertRequest
 from ebcd.model.backoff import Backoff
+from ebcd.platform.platform import EbdPlatform
+from ebcd.platform.server import EbdServer
 from ebcd.protocols.mqtt import codec as mqtt_codec
 from ebcd.protocols.mqtt.codec import CodecError, Topics
 from ebcd.protocols.mqtt.link import LinkState, MqttLink, Will
@@ -183,6 +185,21 @@ class Daemon:
         self.scheduler = Scheduler(
             config=config, runner=self.runner, admission=self.admission, metrics=self.metrics
         )
+        self.ebd = (  # the platform above, EBD over HTTP (ebcd.platform); off unless [ebd] listen is set
+            None
+            if config.ebd.listen is None
+            else EbdPlatform(
+                config=config,
+                district=district,
+                admission=self.admission,
+                runner=self.runner,
+                core=self.core,
+                metrics=self.metrics,
+                journal=lambda: self.journal,
+                signer=self.runner.signer,
+            )
+        )
+        self.ebd_server: EbdServer | None = None
         self.control = ControlHandler(
             district=district,
             runner=self.runner,
@@ -275,8 +292,15 @@ class Daemon:
             log.info(
                 "operators.open", hint="no [[operators]] listed: the control socket acts for the district"
             )
+        if self.ebd is not None:
+            await self.ebd.recover()
+            self.ebd_server = EbdServer(self.ebd.receive, max_body_bytes=self.config.ebd.max_package_bytes)
+            host, _, port = (self.config.ebd.listen or "").rpartition(":")
+            await self.ebd_server.start(host, int(port))
         try:
             async with asyncio.TaskGroup() as tg:
+                if self.ebd is not None:
+                    tg.create_task(self.ebd.run(), name="ebd-platform")
                 tg.create_task(self.link.run(), name="mqtt-link")
                 tg.create_task(self.runner.run_timers(), name="delivery-timers")
                 tg.create_task(self.runner.run_publisher(), name="state-publisher")
@@ -300,6 +324,8 @@ class Daemon:
             server.close()
             if http is not None:
                 http.shutdown()
+            if self.ebd_server is not None:
+                await self.ebd_server.stop()
             await self._journal.close()
             log.info("daemon.stopped")
 
@@ -311,6 +337,8 @@ class Daemon:
         await self.stopping.wait()
         log.info("daemon.stopping")
         server.close()
+        if self.ebd_server is not None:  # no package from above is taken once stopping
+            await self.ebd_server.stop()
         if self.ingest.waiting:  # journalled, so judged at the next start; never dropped
             log.warning("ingest.deferred", messages=self.ingest.waiting, hint="judged at the next start")
         self.runner.flush_states()

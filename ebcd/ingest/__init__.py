@@ -52,6 +52,9 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"  # XML-DSig missing or failed for a sender that signs
     RETAINED = "retained"  # a retained message on alerts/in: replayed by the broker at every subscribe
     OVERLOADED = "overloaded"  # more messages waiting to be judged than `ingest_queue_size`
+    BAD_PACKAGE = "bad_package"  # an EBD tar that is unsafe or not one (links, ../, devices, too many files)
+    MISSING_CONTENT = "missing_content"  # an EBD package without its EBDB, EBDS or a named EBDR
+    REPLAYED = "replayed"  # an EBD package whose EBDID was already received
 
 
 class IngestError(Exception):

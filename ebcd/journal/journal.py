@@ -41,7 +41,7 @@ from ebcd.journal.worker import Synchronous as Synchronous
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DEFAULT_MAX_QUEUE_OPS: Final = 50_000
 BUSY_TIMEOUT_MS: Final = 5000
 THREAD_NAME: Final = "ebcd-journal"
@@ -76,6 +76,15 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE deliveries ADD COLUMN retry INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE deliveries ADD COLUMN budget_base INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE deliveries ADD COLUMN left_area INTEGER NOT NULL DEFAULT 0",
+    ),
+    (  # 3: EBD packages with the platform above (ebcd.platform): EBDIDs seen, the outbox, broadcasts
+        """CREATE TABLE ebd_seen (ebdid TEXT PRIMARY KEY, received_row INTEGER NOT NULL,
+        at REAL NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE ebd_outbox (id INTEGER PRIMARY KEY, ebdid TEXT NOT NULL, ebd_type TEXT NOT NULL,
+        package BLOB NOT NULL, created_at REAL NOT NULL, sent_at REAL, result TEXT)""",
+        "CREATE INDEX ebd_outbox_unsent ON ebd_outbox (id) WHERE sent_at IS NULL",
+        """CREATE TABLE ebd_broadcasts (alert_id TEXT PRIMARY KEY, ebmid TEXT NOT NULL,
+        ended INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
     ),
 )
 _INSERT_TRANSITION: Final = (
@@ -180,11 +189,21 @@ class PruneResult:
     # the payload bytes cleared, the deleted alerts' documents and the text of their deliveries and
     # transitions; SQLite keeps the pages for new rows (the file stops growing, it shrinks only by VACUUM)
     bytes_freed: int = 0
+    ebd_sent: int = 0  # packages the platform above answered, deleted from the EBD outbox
+    ebd_seen: int = 0  # EBDIDs received, forgotten (an EBM's EBMID claim and its EndTime still hold)
 
     @property
     def rows(self) -> int:
         """Rows pruned, of every kind (a cleared payload counts as one)."""
-        return self.payloads + self.alerts + self.deliveries + self.transitions + self.dedupe
+        return (
+            self.payloads
+            + self.alerts
+            + self.deliveries
+            + self.transitions
+            + self.dedupe
+            + self.ebd_sent
+            + self.ebd_seen
+        )
 
 
 PRUNE_BATCH_ROWS: Final = 1000  # received messages cleared per transaction
@@ -433,14 +452,65 @@ class Journal:
         (rows,) = await self._worker.read(("SELECT sender, identifier, alert_id, at FROM dedupe", ()))
         return [(str(s), str(i), str(a), float(at)) for s, i, a, at in rows]
 
-    async def unjudged(self, limit: int = 100_000) -> list[Received]:
-        """Raw inbound messages journalled but never judged (a crash came first), oldest first."""
+    async def unjudged(self, limit: int = 100_000, *, source: str | None = None) -> list[Received]:
+        """Raw inbound messages journalled but never judged (a crash came first), oldest first;
+        only those of `source` (mqtt, ebd) when given."""
         sql = (
             "SELECT id, topic, payload, source, received_at, outcome, detail, alert_id FROM received"
-            " WHERE outcome IS NULL ORDER BY id LIMIT ?"
+            " WHERE outcome IS NULL AND (?1 IS NULL OR source = ?1) ORDER BY id LIMIT ?2"
         )
-        (rows,) = await self._worker.read((sql, (limit,)))
+        (rows,) = await self._worker.read((sql, (source, limit)))
         return [Received(*row) for row in rows]
+
+    # ---- EBD packages with the platform above (ebcd.platform) ------------------------------
+
+    async def ebd_claim(self, ebdid: str, row: int) -> tuple[int, float] | None:
+        """Claim an EBDID for a received row: None if claimed now (or before by the same row), else
+        the (row, time) that claimed it first."""
+        claim = ("INSERT INTO ebd_seen (ebdid, received_row, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                 (ebdid, row, time.time()))  # fmt: skip
+        await self._worker.write(claim)
+        (rows,) = await self._worker.read(("SELECT received_row, at FROM ebd_seen WHERE ebdid = ?", (ebdid,)))
+        first, at = rows[0]
+        return None if first == row else (int(first), float(at))
+
+    async def ebd_enqueue(
+        self, outbox_id: int, ebdid: str, ebd_type: str, package: bytes, *, ended: str | None = None
+    ) -> None:
+        """Keep a package to send up; with `ended`, mark that alert's broadcast reported as ended too."""
+        put = ("INSERT INTO ebd_outbox (id, ebdid, ebd_type, package, created_at) VALUES (?, ?, ?, ?, ?)",
+               (outbox_id, ebdid, ebd_type, package, time.time()))  # fmt: skip
+        if ended is None:
+            await self._worker.write(put)
+        else:
+            mark = ("UPDATE ebd_broadcasts SET ended = 1 WHERE alert_id = ?", (ended,))
+            await self._worker.write(put, mark)
+
+    async def ebd_unsent(self, limit: int = 100) -> list[tuple[int, str, str, bytes]]:
+        """The oldest packages not sent up yet: (id, EBDID, EBDType, package)."""
+        sql = "SELECT id, ebdid, ebd_type, package FROM ebd_outbox WHERE sent_at IS NULL ORDER BY id LIMIT ?"
+        (rows,) = await self._worker.read((sql, (limit,)))
+        return [(int(i), str(e), str(t), bytes(p)) for i, e, t, p in rows]
+
+    async def ebd_sent(self, outbox_id: int, result: str) -> None:
+        """Record that the platform above answered a package."""
+        sql = "UPDATE ebd_outbox SET sent_at = ?, result = ? WHERE id = ?"
+        await self._worker.write((sql, (time.time(), result, outbox_id)))
+
+    async def ebd_last_outbox_id(self) -> int:
+        """The highest outbox id given out (0 for none)."""
+        (rows,) = await self._worker.read(("SELECT coalesce(max(id), 0) FROM ebd_outbox", ()))
+        return int(rows[0][0])
+
+    async def ebd_broadcast(self, alert_id: str, ebmid: str) -> None:
+        """Remember that an alert is a broadcast from above, to be reported up until it ends."""
+        sql = "INSERT INTO ebd_broadcasts (alert_id, ebmid) VALUES (?, ?) ON CONFLICT DO NOTHING"
+        await self._worker.write((sql, (alert_id, ebmid)))
+
+    async def ebd_open_broadcasts(self) -> list[tuple[str, str]]:
+        """(alert id, EBMID) of the broadcasts from above whose end was not reported up yet."""
+        (rows,) = await self._worker.read(("SELECT alert_id, ebmid FROM ebd_broadcasts WHERE ended = 0", ()))
+        return [(str(a), str(e)) for a, e in rows]
 
     async def list_audit(self, limit: int = 100) -> list[AuditEntry]:
         """The most recent audit entries, newest first."""
@@ -473,8 +543,16 @@ class Journal:
         if not self.enabled:
             return PruneResult()
         payloads, payload_bytes = await self._prune_payloads(raw_before)
+        ebd_sent, ebd_bytes = await self._prune_ebd_outbox(raw_before)
+        ebd_seen = 0
+        (old,) = await self._worker.read(("SELECT 1 FROM ebd_seen WHERE at < ? LIMIT 1", (raw_before,)))
+        if old:  # no write transaction when there is nothing to forget
+            _, ebd_seen = await self._worker.write(("DELETE FROM ebd_seen WHERE at < ?", (raw_before,)))
+        payload_bytes += ebd_bytes
         if alerts_before is None:
-            return PruneResult(payloads=payloads, bytes_freed=payload_bytes)
+            return PruneResult(
+                payloads=payloads, bytes_freed=payload_bytes, ebd_sent=ebd_sent, ebd_seen=ebd_seen
+            )
         alerts, deliveries, transitions, alert_bytes = await self._prune_alerts(alerts_before)
         # claims whose alert is gone: those of the alerts deleted now, or by a pass that ended early
         _, dedupe = await self._worker.write(
@@ -485,8 +563,27 @@ class Journal:
             )
         )
         return PruneResult(
-            payloads, alerts, deliveries, transitions, dedupe, bytes_freed=payload_bytes + alert_bytes
+            payloads,
+            alerts,
+            deliveries,
+            transitions,
+            dedupe,
+            bytes_freed=payload_bytes + alert_bytes,
+            ebd_sent=ebd_sent,
+            ebd_seen=ebd_seen,
         )
+
+    async def _prune_ebd_outbox(self, before: float) -> tuple[int, int]:
+        """Delete packages sent up (and answered) before `before`: (packages, bytes). The newest row
+        always stays: the next outbox id, and so the next EBDID, is numbered from it."""
+        keep = "sent_at < ? AND id < (SELECT max(id) FROM ebd_outbox)"
+        (rows,) = await self._worker.read(
+            (f"SELECT count(*), coalesce(sum(length(package)), 0) FROM ebd_outbox WHERE {keep}", (before,))  # noqa: S608
+        )
+        if not rows[0][0]:
+            return 0, 0
+        await self._worker.write((f"DELETE FROM ebd_outbox WHERE {keep}", (before,)))  # noqa: S608
+        return int(rows[0][0]), int(rows[0][1])
 
     async def _prune_payloads(self, before: float) -> tuple[int, int]:
         """Clear judged payloads received before `before`: (messages, bytes)."""

@@ -64,6 +64,8 @@ async def run_retention(
                     deliveries=result.deliveries,
                     transitions=result.transitions,
                     dedupe=result.dedupe,
+                    ebd_sent=result.ebd_sent,
+                    ebd_seen=result.ebd_seen,
                     bytes_freed=result.bytes_freed,
                     raw_before=raw_before,
                     alerts_before=alerts_before,
