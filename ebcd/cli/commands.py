@@ -585,11 +585,17 @@ def topology_show(config: ConfigOpt = None) -> None:
 def frame_decode(
     hex_bytes: Annotated[str, typer.Argument(metavar="HEX", help="bytes as hex, spaces allowed")],
 ) -> None:
-    """Decode a captured serial frame: fields, addresses, CRC verdict."""
+    """Decode a captured serial frame (FE FD) or adapter frame (49/50): fields, codes, CRC verdict."""
+    from ebcd.protocols.adapter import describe as adapter
     from ebcd.protocols.serial import frame
 
-    desc = frame.describe_hex(hex_bytes)
-    for line in frame.render_description(desc):
+    if adapter.is_adapter_hex(hex_bytes):
+        desc = adapter.describe_hex(hex_bytes)
+        lines = adapter.render(desc)
+    else:
+        desc = frame.describe_hex(hex_bytes)
+        lines = frame.render_description(desc)
+    for line in lines:
         typer.echo(line)
     ok = desc.valid
     raise typer.Exit(EXIT_OK if ok else EXIT_REFUSED)
