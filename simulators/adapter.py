@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -67,6 +68,16 @@ log = structlog.get_logger("ebcd.simulator.adapter")
 
 READ_CHUNK_BYTES = 4096
 TASK_START_DELAY_S = 0.05  # from the 0x12 reply to the 0x18 report
+MAX_PENDING_REPORTS = 256
+
+
+def _content(start: StartStop) -> StartStop:
+    """A start without its times and codes: a copy re-sent later, or to more codes, is the same broadcast."""
+    return replace(start, start=0, end=0, codes=())
+
+
+def _running(b: _Broadcast) -> bool:
+    return b.task is not None and not b.task.done()
 
 
 class AdapterFaultSpecError(ValueError):
@@ -137,7 +148,7 @@ class AdapterFaults:
 @dataclass(slots=True)
 class _Broadcast:
     body: bytes
-    codes: tuple[str, ...]
+    codes: tuple[str, ...]  # the loudspeakers it plays on
     start: StartStop
     done: bool = False
     task: asyncio.Task[None] | None = None
@@ -160,7 +171,8 @@ class AdapterSimulator:
     # what it saw, for tests and logs
     commands: int = 0
     refused: list[str] = field(default_factory=list)
-    plays: dict[str, int] = field(default_factory=dict)
+    plays: dict[str, int] = field(default_factory=dict)  # EBM id -> distinct starts played
+    played: list[tuple[str, str, int]] = field(default_factory=list)  # (terminal, EBM id, n-th start)
     bound_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -169,6 +181,8 @@ class AdapterSimulator:
         self._server: asyncio.Server | None = None
         self._up: asyncio.StreamWriter | None = None  # the connection to ebcd's listener
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: deque[Body] = deque(maxlen=MAX_PENDING_REPORTS)  # reports while the listener is away
+        self._peers: set[asyncio.Task[None]] = set()  # the tasks serving ebcd's connections
         self._connected_at = int(time.time())
         self._log = log.bind(room=self.room)
 
@@ -187,6 +201,10 @@ class AdapterSimulator:
         """Stop serving and cancel everything it runs."""
         if self._server is not None:
             self._server.close()
+        peers = list(self._peers)
+        for peer in peers:  # as a killed adapter: its connections go too
+            peer.cancel()
+        await asyncio.gather(*peers, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -198,10 +216,23 @@ class AdapterSimulator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def now_playing(self, ebmid: str) -> StartStop | None:
+        """The start of `ebmid` the loudspeakers play now, None when they do not."""
+        b = self._broadcasts.get(ebmid)
+        return b.start if b is not None and b.task is not None and not b.task.done() else None
+
+    def finished(self, ebmid: str) -> bool:
+        """Whether `ebmid` played to its end (a stop ends it without finishing it)."""
+        b = self._broadcasts.get(ebmid)
+        return b is not None and b.done
+
     # -- commands from ebcd --------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder(heads=(HEAD_PLATFORM,))
         crc_errors = 0
+        me = asyncio.current_task()
+        if me is not None:
+            self._peers.add(me)
         try:
             while data := await reader.read(READ_CHUNK_BYTES):
                 decoder.feed(data)
@@ -219,6 +250,8 @@ class AdapterSimulator:
         except OSError:
             pass
         finally:
+            if me is not None:
+                self._peers.discard(me)
             writer.close()
 
     async def _command(self, frame: Frame) -> bytes | None:
@@ -267,14 +300,24 @@ class AdapterSimulator:
 
     def _start(self, start: StartStop, raw: bytes, codes: tuple[str, ...]) -> None:
         old = self._broadcasts.get(start.ebmid)
-        if old is not None and old.body == raw:  # a re-sent copy: say again where it stands
+        same = old is not None and _content(old.start) == _content(start)
+        fresh = codes if old is None or not same else tuple(c for c in codes if c not in old.codes)
+        if old is not None and same and not fresh and (old.done or _running(old)):
+            self._spawn(self._resay(old), "resay")  # a re-sent copy: say again where it stands
+            return
+        if old is not None and same and _running(old):  # more loudspeakers join what plays
+            old.codes += fresh
+            self.played += [(code, start.ebmid, self.plays[start.ebmid]) for code in fresh]
             self._spawn(self._resay(old), "resay")
             return
         if old is not None and old.task is not None:
             old.task.cancel()
-        b = _Broadcast(raw, codes, start)
+        if not same or old is None:
+            self.plays[start.ebmid] = self.plays.get(start.ebmid, 0) + 1
+            fresh = codes
+        b = _Broadcast(raw, tuple(dict.fromkeys((*(old.codes if same and old else ()), *codes))), start)
         self._broadcasts[start.ebmid] = b
-        self.plays[start.ebmid] = self.plays.get(start.ebmid, 0) + 1
+        self.played += [(code, start.ebmid, self.plays[start.ebmid]) for code in fresh]
         b.task = asyncio.create_task(self._play(b), name=f"adapter-sim-{self.room}-play")
         self._tasks.add(b.task)
         b.task.add_done_callback(self._tasks.discard)
@@ -310,8 +353,10 @@ class AdapterSimulator:
         if self.faults.has("silence", self.room):
             return
         up = self._up
-        if up is None:
-            self._log.info("adapter_sim.report_lost", protocol_type=f"0x{int(body.protocol_type):02X}")
+        if up is None:  # kept until the listener is back, as far as the queue holds
+            if len(self._pending) == self._pending.maxlen:
+                self._log.warning("adapter_sim.report_lost", protocol_type=f"0x{int(body.protocol_type):02X}")
+            self._pending.append(body)
             return
         with contextlib.suppress(OSError, RuntimeError):
             up.write(self._encode(body.protocol_type, body))
@@ -332,6 +377,9 @@ class AdapterSimulator:
             attempt = 0
             self._up = writer
             self._connected_at = int(time.time())
+            while self._pending:
+                body = self._pending.popleft()
+                writer.write(self._encode(body.protocol_type, body))
             drain = asyncio.create_task(self._drain_replies(reader), name=f"adapter-sim-{self.room}-replies")
             try:
                 while not drain.done():

@@ -221,6 +221,10 @@ def simulate(
     bus_faults: Annotated[
         str, typer.Option(help="serial buses: e.g. corrupt=10%,loss=5%,echo,garbage=2%,dead=CODE")
     ] = "",
+    adapter_faults: Annotated[
+        str,
+        typer.Option(help="adapters: refuse=CODE|all,silence=…,drop=…,fault=…,corrupt=10%,slow=SECONDS"),
+    ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     run_dir: RunDirOpt = None,
 ) -> None:
@@ -247,6 +251,7 @@ def simulate(
             play_time_s=play_time,
             faults_report=faults_report,
             bus_faults=bus_faults,
+            adapter_faults=adapter_faults,
         )
     except (ValueError, SecurityError, BusDirError) as e:  # SecurityError: key, password, CA, cert files
         raise _fail(str(e)) from None
