@@ -182,13 +182,15 @@ class AdapterSimulator:
         self._up: asyncio.StreamWriter | None = None  # the connection to ebcd's listener
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: deque[Body] = deque(maxlen=MAX_PENDING_REPORTS)  # reports while the listener is away
-        self._peers: set[asyncio.Task[None]] = set()  # the tasks serving ebcd's connections
+        self._peers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # serving ebcd's connections
+        self._closing = asyncio.Event()
         self._connected_at = int(time.time())
         self._log = log.bind(room=self.room)
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Listen on the room's address, and start heartbeating to ebcd's listener."""
+        self._closing.clear()
         port = self.address.port if self.address.port is not None else 0
         self._server = await asyncio.start_server(self._serve, self.address.host, port)
         self.bound_port = int(self._server.sockets[0].getsockname()[1])
@@ -201,10 +203,11 @@ class AdapterSimulator:
         """Stop serving and cancel everything it runs."""
         if self._server is not None:
             self._server.close()
-        peers = list(self._peers)
-        for peer in peers:  # as a killed adapter: its connections go too
-            peer.cancel()
-        await asyncio.gather(*peers, return_exceptions=True)
+        self._closing.set()
+        peers = list(self._peers.items())
+        for _, writer in peers:  # as a killed adapter: its connections go too
+            writer.close()
+        await asyncio.gather(*(task for task, _ in peers), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -232,7 +235,7 @@ class AdapterSimulator:
         crc_errors = 0
         me = asyncio.current_task()
         if me is not None:
-            self._peers.add(me)
+            self._peers[me] = writer
         try:
             while data := await reader.read(READ_CHUNK_BYTES):
                 decoder.feed(data)
@@ -251,14 +254,16 @@ class AdapterSimulator:
             pass
         finally:
             if me is not None:
-                self._peers.discard(me)
+                self._peers.pop(me, None)
             writer.close()
 
     async def _command(self, frame: Frame) -> bytes | None:
         self.commands += 1
         if self.faults.slow_s:
-            await asyncio.sleep(self.faults.slow_s)
-        if self.faults.has("drop", self.room):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.faults.slow_s):
+                    await self._closing.wait()
+        if self._closing.is_set() or self.faults.has("drop", self.room):
             self._log.info("adapter_sim.drop")
             return None
         if frame.protocol_type != ProtocolType.START_STOP:
