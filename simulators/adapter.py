@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -69,6 +69,23 @@ log = structlog.get_logger("ebcd.simulator.adapter")
 READ_CHUNK_BYTES = 4096
 TASK_START_DELAY_S = 0.05  # from the 0x12 reply to the 0x18 report
 MAX_PENDING_REPORTS = 256
+
+
+_EBMID_ALERTS: OrderedDict[str, str] = OrderedDict()  # EBM id -> alert id heard over MQTT in this process
+MAX_EBMIDS_REMEMBERED = 10_000
+
+
+def note_alert(ebmid: str, alert_id: str) -> None:
+    """An MQTT terminal of this process heard `alert_id` under `ebmid` (adapters hear EBM ids only)."""
+    _EBMID_ALERTS[ebmid] = alert_id
+    _EBMID_ALERTS.move_to_end(ebmid)
+    while len(_EBMID_ALERTS) > MAX_EBMIDS_REMEMBERED:
+        _EBMID_ALERTS.popitem(last=False)
+
+
+def alert_of(ebmid: str) -> str:
+    """The alert id heard with `ebmid` in this process, else the EBM id itself."""
+    return _EBMID_ALERTS.get(ebmid, ebmid)
 
 
 def _content(start: StartStop) -> StartStop:
@@ -312,7 +329,7 @@ class AdapterSimulator:
             return
         if old is not None and same and _running(old):  # more loudspeakers join what plays
             old.codes += fresh
-            self.played += [(code, start.ebmid, self.plays[start.ebmid]) for code in fresh]
+            self._played(start.ebmid, fresh)
             self._spawn(self._resay(old), "resay")
             return
         if old is not None and old.task is not None:
@@ -322,10 +339,16 @@ class AdapterSimulator:
             fresh = codes
         b = _Broadcast(raw, tuple(dict.fromkeys((*(old.codes if same and old else ()), *codes))), start)
         self._broadcasts[start.ebmid] = b
-        self.played += [(code, start.ebmid, self.plays[start.ebmid]) for code in fresh]
+        self._played(start.ebmid, fresh)
         b.task = asyncio.create_task(self._play(b), name=f"adapter-sim-{self.room}-play")
         self._tasks.add(b.task)
         b.task.add_done_callback(self._tasks.discard)
+
+    def _played(self, ebmid: str, codes: tuple[str, ...]) -> None:
+        nth = self.plays[ebmid]
+        self.played += [(code, ebmid, nth) for code in codes]
+        for code in codes:  # the same event the MQTT terminals log, for whoever reads the log
+            log.info("terminal.played", terminal=code, alert_id=alert_of(ebmid), ebmid=ebmid, revision=nth)
 
     async def _play(self, b: _Broadcast) -> None:
         await asyncio.sleep(TASK_START_DELAY_S)

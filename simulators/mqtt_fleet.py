@@ -38,7 +38,7 @@ from ebcd.security.reports import load_terminal_signers, sign_presence, sign_rep
 from ebcd.security.signing import Signer, Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
-from simulators.adapter import AdapterSimulator
+from simulators.adapter import AdapterSimulator, alert_of, note_alert
 from simulators.faults import Fault, FaultPlan
 from simulators.serial_bus import SerialBusSimulator
 from simulators.terminal import CachingVerifier, CommandCheck, Step, TerminalBehaviour
@@ -47,15 +47,12 @@ log = structlog.get_logger("ebcd.simulator")
 
 FLAP_INTERVAL_S = 4.0
 FLAP_DOWN_S = 1.5
-MAX_EBMIDS_REMEMBERED = 10_000
 
 
 class SimTerminal:
     """One simulated terminal on its own MQTT connection."""
 
     highest_session: ClassVar[int] = 0  # of every one in this process: a new fleet starts above it
-    # EBM id -> alert id of the commands heard in this process: adapters only hear EBM ids
-    alert_of_ebmid: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -127,9 +124,7 @@ class SimTerminal:
             log.warning("simulator.bad_command", terminal=self.terminal.code, error=str(e))
             return
         key = (cmd.alert_id, cmd.revision)
-        if len(SimTerminal.alert_of_ebmid) > MAX_EBMIDS_REMEMBERED:
-            SimTerminal.alert_of_ebmid.clear()
-        SimTerminal.alert_of_ebmid[cmd.ebmid] = cmd.alert_id
+        note_alert(cmd.ebmid, cmd.alert_id)
         played_before = self.behaviour.plays[key]
         current_before = self.behaviour.current
         steps = self.behaviour.on_command(cmd, retained=retain)
@@ -253,7 +248,7 @@ class MqttFleet:
                 out[key] = out.get(key, 0) + 1
         for adapter in self.adapters:
             for code, ebmid, nth in adapter.played:
-                key = (code, SimTerminal.alert_of_ebmid.get(ebmid, ebmid), nth)
+                key = (code, alert_of(ebmid), nth)
                 out[key] = out.get(key, 0) + 1
         return out
 
