@@ -196,7 +196,12 @@ class AdapterListener:
                 if decoder.garbage_run > self._max_garbage:
                     self._drop("garbage", peer=str(peer), bytes=decoder.garbage_run)
                     break
-                await writer.drain()
+                try:
+                    async with asyncio.timeout(self._idle_timeout_s):
+                        await writer.drain()
+                except TimeoutError:  # a peer that does not read its answers holds nothing for long
+                    self._drop("not_reading", peer=str(peer))
+                    break
         except OSError as exc:
             log.info("adapter.connection_lost", peer=str(peer), error=str(exc))
         finally:
@@ -245,10 +250,11 @@ class AdapterListener:
         return True
 
     def _heartbeat(self, hb: Heartbeat, room: _Room, seen: set[str] | None) -> list[bytes]:
-        if seen is None or hb.adapter not in seen:
+        if seen is None:  # on the command connection: a new session only the first time
+            room.session = max(room.session, 1)
+        elif hb.adapter not in seen:
             room.session += 1
-            if seen is not None:
-                seen.add(hb.adapter)
+            seen.add(hb.adapter)
         room.last_heartbeat, room.silent = self._clock(), False
         if hb.state == AdapterState.FAULT:
             if room.state != AdapterState.FAULT:
