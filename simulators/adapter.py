@@ -297,10 +297,12 @@ class AdapterSimulator:
             self.refused.append("malformed")
             return self._reply(ResultCode.LENGTH_ERROR, str(exc))
         assert isinstance(body, StartStop)  # noqa: S101 - decode_body's type for 0x04
-        if body.switch is Switch.STOP:
+        if body.switch is Switch.STOP:  # those loudspeakers stop; the broadcast ends with the last one
             current = self._broadcasts.get(body.ebmid)
-            if current is not None and current.task is not None:
-                current.task.cancel()
+            if current is not None:
+                current.codes = tuple(c for c in current.codes if body.codes and c not in body.codes)
+                if not current.codes and current.task is not None:
+                    current.task.cancel()
             return self._reply(ResultCode.SUCCESS, "stopped")
         if self.faults.has("refuse", self.room):
             self.refused.append("conflict")

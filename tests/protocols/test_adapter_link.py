@@ -262,3 +262,16 @@ async def test_garbage_past_the_bound_disconnects_the_peer(rig: Callable[..., ob
     assert answer[0] == 0x49
     assert answer[3] == 0x21
     writer.close()
+
+
+async def test_a_stop_to_some_codes_leaves_the_others_playing_to_their_end(
+    rig: Callable[..., object],
+) -> None:
+    r: Rig = await rig()  # type: ignore[misc]
+    r.transport.send(play(), terminals(), first=True)
+    await wait_for(lambda: r.statuses(AckStatus.PLAYING) == set(CODES), 10)
+    leaving = [t for t in terminals() if t.code == CODES[0]]
+    r.transport.send(StopCommand("a1", EBMID, 1, 2, "left the area"), leaving, first=True)
+    await wait_for(lambda: r.statuses(AckStatus.DONE) == set(CODES[1:]), 10)
+    assert r.statuses(AckStatus.STOPPED) == {CODES[0]}
+    assert CODES[0] not in r.statuses(AckStatus.DONE)

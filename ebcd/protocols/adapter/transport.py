@@ -155,6 +155,9 @@ class AdapterTransport:
             )
         else:
             last = self.ledger.lookup(room, cmd.ebmid)
+            if last is not None:  # a later 0x19 is no longer theirs
+                last.codes = tuple(c for c in last.codes if c not in codes)
+                last.covered = tuple(c for c in last.covered if c not in codes)
             body = StartStop(
                 cmd.ebmid, Switch.STOP, last.ebm_class if last else CLASS_EMERGENCY,
                 last.event_type if last else "00000", last.level if last else 0, now, now, 0, tuple(codes),
