@@ -249,6 +249,8 @@ def _adapters(
 ) -> list[AdapterSimulator]:
     """A simulated adapter for every adapter room with a chosen terminal (AddressError if one is bad)."""
     sec, ac = config.security, config.adapter
+    if not any(v.link == "adapter" for v in district.villages()):
+        return []
     verifier = None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
     listener = None if ac.listen is None else adapter_address.parse(ac.listen, scheme=False)
     if listener is None:

@@ -271,6 +271,8 @@ class Daemon:
 
     def _adapter_listener(self, signer: Any) -> AdapterListener | None:
         ac = self.config.adapter
+        if not any(v.link == "adapter" for v in self.district.villages()):
+            return None  # no adapter room: nobody to listen to
         if ac.listen is None:
             if self.adapter_links:
                 log.warning(
