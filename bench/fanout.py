@@ -166,7 +166,7 @@ async def main() -> None:
     parser.add_argument("--no-journal-too", action="store_true", help="also measure with the journal off")
     parser.add_argument("--mqtt311-too", action="store_true", help="also measure ebcd speaking MQTT 3.1.1")
     parser.add_argument(
-        "--all-mqtt", action="store_true", help="the shipped district with its serial rooms on MQTT"
+        "--all-mqtt", action="store_true", help="the shipped district, serial and adapter rooms on MQTT"
     )
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ebcd-bench-"))
@@ -175,7 +175,10 @@ async def main() -> None:
         for name in ("ebcd.toml", "terminals.csv"):
             shutil.copy(config_path.parent / name, work / name)
         rooms = (config_path.parent / "rooms.csv").read_text(encoding="utf-8").splitlines()
-        rows = [",".join([*r.split(",")[:4], "mqtt", ""]) if ",serial," in r else r for r in rooms]
+        rows = [
+            ",".join([*r.split(",")[:4], "mqtt", ""]) if ",serial," in r or ",adapter," in r else r
+            for r in rooms
+        ]
         (work / "rooms.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
         config_path = work / "ebcd.toml"
     config = load_config(config_path)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 COUNTY = "341523"
 CENTER = (31.46, 116.95)
-TOWNS = [  # (name, villages, own terminals, serial)
-    ("城关镇", 24, 4, False),
-    ("杭埠镇", 23, 4, False),
-    ("千人桥镇", 22, 4, False),
-    ("百神庙镇", 21, 3, False),
-    ("桃溪镇", 20, 3, False),
-    ("万佛湖镇", 20, 3, False),
-    ("晓天镇", 19, 3, True),
+TOWNS = [  # (name, villages, own terminals, the villages' link)
+    ("城关镇", 24, 4, "mqtt"),
+    ("杭埠镇", 23, 4, "mqtt"),
+    ("千人桥镇", 22, 4, "mqtt"),
+    ("百神庙镇", 21, 3, "mqtt"),
+    ("桃溪镇", 20, 3, "mqtt"),
+    ("万佛湖镇", 20, 3, "adapter"),
+    ("晓天镇", 19, 3, "serial"),
 ]
 FIRST = "东西南北上下前后新老大小高龙凤双桥河湖山石松柏桃李杨柳"
 SECOND = "岗湾塘庄冲圩店铺港畈坝岭集园洼埠"
@@ -30,6 +30,9 @@ LOUDSPEAKER = "0314"
 # Simulated buses: `ebcd run` and `ebcd simulate` expand {run_dir} to one folder per run
 # (ebcd.protocols.serial.ports); a real room names its device instead, e.g. /dev/ttyUSB0.
 SERIAL_PORT_DIR = "{run_dir}"
+# Simulated adapters: each binds a free port on 127.0.0.1 and publishes it in {run_dir}
+# (ebcd.protocols.adapter.address); a real room names its adapter, e.g. tcp://10.3.1.20:7000.
+ADAPTER_PORT = "tcp://127.0.0.1:{run_dir}"
 
 
 def main() -> None:
@@ -39,7 +42,8 @@ def main() -> None:
     rooms: list[list[str]] = []
     terms: list[list[str]] = []
     used_names: set[str] = set()
-    for ti, (tname, nvill, nown, serial) in enumerate(TOWNS):
+    for ti, (tname, nvill, nown, link) in enumerate(TOWNS):
+        serial = link == "serial"
         tarea = f"{COUNTY}{100 + ti:03d}000"
         tcode = f"5{tarea}{LOUDSPEAKER}010101"
         rooms.append(["town", tcode, tname, "", "mqtt", ""])
@@ -58,8 +62,8 @@ def main() -> None:
             while (vname := rng.choice(FIRST) + rng.choice(SECOND) + "村") in used_names:
                 pass
             used_names.add(vname)
-            port = f"{SERIAL_PORT_DIR}/{vcode}" if serial else ""
-            rooms.append(["village", vcode, vname, tcode, "serial" if serial else "mqtt", port])
+            port = {"serial": f"{SERIAL_PORT_DIR}/{vcode}", "adapter": ADAPTER_PORT}.get(link, "")
+            rooms.append(["village", vcode, vname, tcode, link, port])
             vlat = tlat + rng.uniform(-0.05, 0.05)
             vlon = tlon + rng.uniform(-0.05, 0.05)
             count = 5 + (0 if vi == nvill and nvill % 2 else (1 if vi % 2 else -1))

@@ -106,6 +106,32 @@ class SerialConfig(_Strict):
     busy_poll_s: float = Field(default=2.0, gt=0)
 
 
+class AdapterConfig(_Strict):
+    """Rooms driven through vendors' adapters (`link = adapter`, FIELD-PROTOCOLS.md §1)."""
+
+    # ebcd's listener for the adapters' heartbeats and task reports, "HOST:PORT"; None: no
+    # listener (commands still go out, but nothing comes back beyond the 0x12 replies). A port
+    # of {run_dir} binds a free port and writes it to <run_dir>/adapter-listen.port, for
+    # simulated adapters (ebcd.protocols.adapter.address).
+    listen: str | None = None
+    # public keys of the adapters, one `<23-digit room code>.pub` each, in [security] scheme
+    # (relative to the config file's directory): that adapter's frames must then be signed.
+    # None, or no file for a room: all-zero blocks are accepted, logged once per adapter.
+    keys_dir: str | None = None
+    # what the signature covers: header + body, or header + body + the block's u32 time
+    # (both exist in the field's code, as UTCTimeFlag); a guess: header_body
+    signed_data: Literal["header_body", "header_body_time"] = "header_body"
+    heartbeat_s: float = Field(default=30.0, gt=0)  # adapters' heartbeat period; 3 missed: unknown
+    reply_timeout_s: float = Field(default=5.0, gt=0)  # for the 0x12 reply to a command
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)  # open on the listener at once; more are closed
+    max_garbage_bytes: int = Field(default=65_536, ge=1024)  # skipped without a good frame: disconnect
+    idle_timeout_s: float = Field(default=120.0, gt=0)  # a listener connection silent this long is closed
+    agency: str = ""  # the 0x04 language block's agency name (no public code sets one)
+
+
 class ReviewConfig(_Strict):
     """Manual review (人工审核): which accepted alerts wait for `ebcd alert approve`."""
 
@@ -300,6 +326,7 @@ class Config(_Strict):
     mqtt: MqttConfig = MqttConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     serial: SerialConfig = SerialConfig()
+    adapter: AdapterConfig = AdapterConfig()
     review: ReviewConfig = ReviewConfig()
     priority: PriorityConfig = PriorityConfig()
     security: SecurityConfig = SecurityConfig()

@@ -38,6 +38,7 @@ from ebcd.security.reports import load_terminal_signers, sign_presence, sign_rep
 from ebcd.security.signing import Signer, Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
+from simulators.adapter import AdapterSimulator, alert_of, note_alert
 from simulators.faults import Fault, FaultPlan
 from simulators.serial_bus import SerialBusSimulator
 from simulators.terminal import CachingVerifier, CommandCheck, Step, TerminalBehaviour
@@ -123,6 +124,7 @@ class SimTerminal:
             log.warning("simulator.bad_command", terminal=self.terminal.code, error=str(e))
             return
         key = (cmd.alert_id, cmd.revision)
+        note_alert(cmd.ebmid, cmd.alert_id)
         played_before = self.behaviour.plays[key]
         current_before = self.behaviour.current
         steps = self.behaviour.on_command(cmd, retained=retain)
@@ -230,14 +232,23 @@ class MqttFleet:
         ]
         self._links: dict[str, asyncio.Task[None]] = {}  # terminal -> the task running its connection
         self.buses: list[SerialBusSimulator] = []  # serial buses run beside the fleet, for reports
+        self.adapters: list[AdapterSimulator] = []  # simulated adapter rooms run beside the fleet
         self.started = asyncio.Event()
 
     def plays(self) -> dict[tuple[str, str, int], int]:
-        """(terminal, alert, revision) -> times played, on MQTT and on the serial buses beside."""
+        """(terminal, alert, revision) -> times played, on MQTT, the serial buses and the adapters beside.
+
+        An adapter hears EBM ids, not alert ids: its plays are named by the alert an MQTT terminal
+        of this process heard with the same EBM id (else by the EBM id), and the n-th distinct
+        start of an EBM id counts as revision n."""
         out = {(s.terminal.code, a, r): n for s in self.terminals for (a, r), n in s.behaviour.plays.items()}
         for bus in self.buses:
             for p in bus.plays:
                 key = (p.terminal, p.alert_id, p.revision)
+                out[key] = out.get(key, 0) + 1
+        for adapter in self.adapters:
+            for code, ebmid, nth in adapter.played:
+                key = (code, alert_of(ebmid), nth)
                 out[key] = out.get(key, 0) + 1
         return out
 

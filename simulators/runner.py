@@ -26,9 +26,12 @@ import structlog
 from ebcd.config import Config, parse_broker_url
 from ebcd.log import log_tasks
 from ebcd.model.alert import parse_target
+from ebcd.protocols.adapter import address as adapter_address
+from ebcd.protocols.adapter.frame import SignedData
 from ebcd.security.bench import verifier_from
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
+from simulators.adapter import AdapterFaults, AdapterSimulator
 from simulators.faults import plan
 from simulators.mqtt_fleet import MqttFleet, fleet_login, fleet_signers
 from simulators.serial_bus import BusFaults, SerialBusSimulator
@@ -179,6 +182,7 @@ def run_simulators(
     play_time_s: float | None,
     faults_report: Path | None,
     bus_faults: str = "",
+    adapter_faults: str = "",
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     terminals = select(district, only)
@@ -234,12 +238,48 @@ def run_simulators(
                 seed=seed,
             )
             buses.append((village.port, bus))
+    adapters = _adapters(config, district, chosen, play_time, AdapterFaults.parse(adapter_faults), seed)
     with holding([Path(port).absolute().parent for port, _ in buses]):
-        asyncio.run(_run(fleet, buses))
+        asyncio.run(_run(fleet, buses, adapters))
     return 0
 
 
-async def _run(fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]]) -> None:
+def _adapters(
+    config: Config, district: District, chosen: set[str], play_time_s: float, faults: AdapterFaults, seed: int
+) -> list[AdapterSimulator]:
+    """A simulated adapter for every adapter room with a chosen terminal (AddressError if one is bad)."""
+    sec, ac = config.security, config.adapter
+    if not any(v.link == "adapter" for v in district.villages()):
+        return []
+    verifier = None if sec.scheme == "none" else verifier_from(sec.public_key, sec.scheme, config.base_dir)
+    listener = None if ac.listen is None else adapter_address.parse(ac.listen, scheme=False)
+    if listener is None:
+        log.warning("simulator.adapter_no_listener", hint="[adapter] listen unset: no heartbeats or reports")
+    out = []
+    for village in district.villages():
+        codes = tuple(t.code for t in village.terminals if t.code in chosen)
+        if village.link != "adapter" or not codes or village.port is None:
+            continue
+        out.append(
+            AdapterSimulator(
+                village.code,
+                codes,
+                adapter_address.parse(village.port),
+                listener,
+                verifier,
+                variant=SignedData(ac.signed_data),
+                play_time_s=play_time_s,
+                heartbeat_s=ac.heartbeat_s,
+                faults=faults,
+                seed=seed,
+            )
+        )
+    return out
+
+
+async def _run(
+    fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]], adapters: list[AdapterSimulator]
+) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, log_tasks)  # `kill -USR2`: every task
     stop = asyncio.Event()
@@ -257,6 +297,12 @@ async def _run(fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]]) ->
                 terminals=sum(len(b.terminals) for _, b in buses),
                 folders=sorted({str(Path(port).parent) for port, _ in buses}),
             )
+        for adapter in adapters:
+            await adapter.start()
+        if adapters:
+            log.info(
+                "simulator.adapters", adapters=len(adapters), terminals=sum(len(a.codes) for a in adapters)
+            )
         task = asyncio.create_task(fleet.run(), name="fleet")
         await stop.wait()
     finally:
@@ -266,4 +312,6 @@ async def _run(fleet: MqttFleet, buses: list[tuple[str, SerialBusSimulator]]) ->
                 await task
         for _, bus in buses:
             await bus.close()
+        for adapter in adapters:
+            await adapter.close()
     log.info("simulator.stopped", plays=sum(fleet.plays().values()))

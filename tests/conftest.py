@@ -110,9 +110,14 @@ def shipped_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     shutil.copy(shipped / "terminals.csv", here / "terminals.csv")
     toml = (shipped / "ebcd.toml").read_text(encoding="utf-8")
     assert "[serial]" not in toml, "the shipped config gained a [serial] section: merge the override below"
+    # the adapters' and the listener's ports are published in this folder too (adapter.address)
+    assert '"127.0.0.1:{run_dir}"' in toml, "the shipped [adapter] listen moved: update this fixture"
+    toml = toml.replace('"127.0.0.1:{run_dir}"', f'"127.0.0.1:{here}"')
     (here / "ebcd.toml").write_text(toml + "\n[serial]\nbaudrate = 115200\n", encoding="utf-8")
     rooms = (shipped / "rooms.csv").read_text(encoding="utf-8")
     assert rooms.count(",{run_dir}/") == 19, "the shipped serial rooms' ports moved: update this fixture"
+    assert rooms.count(",tcp://127.0.0.1:{run_dir}") == 20, "the shipped adapter rooms moved: update this"
+    rooms = rooms.replace(",tcp://127.0.0.1:{run_dir}", f",tcp://127.0.0.1:{here}")
     (here / "rooms.csv").write_text(rooms.replace(",{run_dir}/", f",{here}/bus-"), encoding="utf-8")
     return load_config(here / "ebcd.toml")
 

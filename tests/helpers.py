@@ -13,10 +13,13 @@ import aiomqtt
 
 from ebcd.config import Config
 from ebcd.daemon.daemon import Daemon
+from ebcd.protocols.adapter import address as adapter_address
+from ebcd.protocols.adapter.frame import SignedData
 from ebcd.security.bench import verifier_from
 from ebcd.security.signing import Verifier
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
+from simulators.adapter import AdapterFaults, AdapterSimulator
 from simulators.faults import FaultPlan
 from simulators.mqtt_fleet import MqttFleet, fleet_login, fleet_signers
 from simulators.serial_bus import BusFaults, SerialBusSimulator
@@ -65,6 +68,7 @@ async def running_fleet(
     verifier: Verifier | Literal["config"] | None = "config",
     bus_ports: Mapping[str, str] | None = None,
     tls: bool = False,
+    adapter_faults: AdapterFaults | None = None,
 ) -> AsyncIterator[MqttFleet]:
     """Every given terminal simulated on its own link: MQTT ones connected (but the offline ones),
     serial ones on a simulated bus at their room's port, when the block starts.
@@ -112,6 +116,25 @@ async def running_fleet(
             await stack.enter_async_context(bus)
             await bus.start_pty(link=(bus_ports or {}).get(village.code, village.port))
             fleet.buses.append(bus)
+        for village in district.villages():
+            codes = tuple(t.code for t in village.terminals if t.code in wanted)
+            if village.link != "adapter" or not codes or village.port is None:
+                continue
+            listen = config.adapter.listen
+            adapter = AdapterSimulator(
+                village.code,
+                codes,
+                adapter_address.parse(village.port),
+                None if listen is None else adapter_address.parse(listen, scheme=False),
+                verifier,
+                variant=SignedData(config.adapter.signed_data),
+                play_time_s=config.simulator.play_time_s,
+                heartbeat_s=config.adapter.heartbeat_s,
+                faults=adapter_faults or AdapterFaults(),
+            )
+            await adapter.start()
+            stack.push_async_callback(adapter.close)
+            fleet.adapters.append(adapter)
         task = asyncio.create_task(fleet.run(), name="fleet")
         try:
             await asyncio.wait_for(fleet.started.wait(), 120)

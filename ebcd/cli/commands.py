@@ -143,6 +143,17 @@ def _serial_run_dir(
     return run_dir
 
 
+def _adapter_run_dir(cfg: Config, run_dir: Path | None) -> Config:
+    """The config with `{run_dir}` expanded in `[adapter] listen` (ebcd.protocols.adapter.address)."""
+    from ebcd.protocols.serial.ports import expand_port, uses_run_dir
+
+    listen = cfg.adapter.listen
+    if run_dir is None or not uses_run_dir(listen):
+        return cfg
+    adapter = cfg.adapter.model_copy(update={"listen": expand_port(listen or "", run_dir)})
+    return cfg.model_copy(update={"adapter": adapter})
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
 
@@ -175,6 +186,7 @@ def run(
     buses = _serial_run_dir(cfg, district, config, broker, run_dir)
     if buses is not None:
         structlog.get_logger("ebcd.cli").info("serial.run_dir", run_dir=str(buses))
+    cfg = _adapter_run_dir(cfg, buses)
     if mqtt_protocol is not None:
         if mqtt_protocol not in ("auto", "5", "3.1.1"):
             raise typer.BadParameter("expected auto, 5 or 3.1.1", param_hint="--mqtt-protocol")
@@ -209,6 +221,10 @@ def simulate(
     bus_faults: Annotated[
         str, typer.Option(help="serial buses: e.g. corrupt=10%,loss=5%,echo,garbage=2%,dead=CODE")
     ] = "",
+    adapter_faults: Annotated[
+        str,
+        typer.Option(help="adapters: refuse=CODE|all,silence=…,drop=…,fault=…,corrupt=10%,slow=SECONDS"),
+    ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     run_dir: RunDirOpt = None,
 ) -> None:
@@ -223,6 +239,7 @@ def simulate(
     buses = _serial_run_dir(cfg, district, config, broker, run_dir)
     if buses is not None:
         structlog.get_logger("ebcd.cli").info("serial.run_dir", run_dir=str(buses))
+    cfg = _adapter_run_dir(cfg, buses)
     try:
         code = run_simulators(
             cfg,
@@ -234,6 +251,7 @@ def simulate(
             play_time_s=play_time,
             faults_report=faults_report,
             bus_faults=bus_faults,
+            adapter_faults=adapter_faults,
         )
     except (ValueError, SecurityError, BusDirError) as e:  # SecurityError: key, password, CA, cert files
         raise _fail(str(e)) from None
@@ -630,6 +648,7 @@ def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         "villages": sum(len(t.villages) for t in district.towns.values()),
         "terminals": len(district),
         "serial_rooms": sum(1 for v in district.villages() if v.link == "serial"),
+        "adapter_rooms": sum(1 for v in district.villages() if v.link == "adapter"),
     }
     if as_json:
         _print_json(counts)
@@ -637,7 +656,10 @@ def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     typer.echo(f"{cfg.district.name} ({district.code}): valid")
     typer.echo(f"  district platforms {counts['district']}")
     typer.echo(f"  towns              {counts['towns']}")
-    typer.echo(f"  villages           {counts['villages']}  ({counts['serial_rooms']} on serial links)")
+    typer.echo(
+        f"  villages           {counts['villages']}  ({counts['serial_rooms']} on serial links, "
+        f"{counts['adapter_rooms']} through adapters)"
+    )
     typer.echo(f"  terminals          {counts['terminals']}")
 
 
@@ -654,11 +676,17 @@ def topology_show(config: ConfigOpt = None) -> None:
 def frame_decode(
     hex_bytes: Annotated[str, typer.Argument(metavar="HEX", help="bytes as hex, spaces allowed")],
 ) -> None:
-    """Decode a captured serial frame: fields, addresses, CRC verdict."""
+    """Decode a captured serial frame (FE FD) or adapter frame (49/50): fields, codes, CRC verdict."""
+    from ebcd.protocols.adapter import describe as adapter
     from ebcd.protocols.serial import frame
 
-    desc = frame.describe_hex(hex_bytes)
-    for line in frame.render_description(desc):
+    if adapter.is_adapter_hex(hex_bytes):
+        desc = adapter.describe_hex(hex_bytes)
+        lines = adapter.render(desc)
+    else:
+        desc = frame.describe_hex(hex_bytes)
+        lines = frame.render_description(desc)
+    for line in lines:
         typer.echo(line)
     ok = desc.valid
     raise typer.Exit(EXIT_OK if ok else EXIT_REFUSED)

@@ -46,6 +46,11 @@ from ebcd.model.alert import AlertRequest
 from ebcd.model.backoff import Backoff
 from ebcd.platform.platform import EbdPlatform
 from ebcd.platform.server import EbdServer
+from ebcd.protocols.adapter import address as adapter_address
+from ebcd.protocols.adapter.frame import SignedData
+from ebcd.protocols.adapter.link import AdapterLink
+from ebcd.protocols.adapter.listener import AdapterListener, adapter_verifiers
+from ebcd.protocols.adapter.transport import AdapterTransport
 from ebcd.protocols.mqtt import codec as mqtt_codec
 from ebcd.protocols.mqtt.codec import CodecError, Topics
 from ebcd.protocols.mqtt.link import LinkState, MqttLink, Will
@@ -147,6 +152,18 @@ class Daemon:
             ),
         )
         self.serial_masters = self._serial_masters()
+        signer = _signer(config)
+        self.adapter_links = self._adapter_links()
+        self.adapter = AdapterTransport(
+            self.adapter_links,
+            self.metrics,
+            signer=signer,
+            on_report=lambda r: self.runner.on_report(r),
+            on_failed=lambda *a: self.runner.send_failed(*a),
+            variant=SignedData(config.adapter.signed_data),
+            agency=config.adapter.agency,
+        )
+        self.adapter_listener = self._adapter_listener(signer)
         self.serial = SerialTransport(
             self.serial_masters, self.metrics, on_failed=lambda *a: self.runner.send_failed(*a)
         )
@@ -158,11 +175,12 @@ class Daemon:
                     district, self.topics, self.link, self.metrics, groups=config.mqtt.group_topics
                 ),
                 "serial": self.serial,
+                "adapter": self.adapter,
             },
             metrics=self.metrics,
             publish_state=self._publish_state,
             journal=lambda: self.journal,
-            signer=_signer(config),
+            signer=signer,
             state_interval_s=dc.state_publish_interval_s,
         )
         self.admission = Admission(
@@ -245,6 +263,70 @@ class Daemon:
             )
         return masters
 
+    def _adapter_links(self) -> dict[str, AdapterLink]:
+        ac = self.config.adapter
+        links = {}
+        for village in self.district.villages():
+            if village.link != "adapter" or village.port is None:
+                continue
+            try:
+                address = adapter_address.parse(village.port)
+            except adapter_address.AddressError as e:
+                log.error("adapter.bad_address", room=village.code, error=str(e))
+                continue  # its commands fail with "no adapter link", in the alert's report
+            links[village.code] = AdapterLink(
+                village.code,
+                address,
+                backoff=Backoff(ac.reconnect_initial_s, ac.reconnect_max_s, 0.2),
+                connect_timeout_s=ac.connect_timeout_s,
+                reply_timeout_s=ac.reply_timeout_s,
+                on_frame=lambda frame: self._adapter_frame(frame),
+                on_drop=lambda why: self.metrics.dropped.labels("adapter").inc(),
+                max_garbage_bytes=ac.max_garbage_bytes,
+            )
+        return links
+
+    def _adapter_listener(self, signer: Any) -> AdapterListener | None:
+        ac = self.config.adapter
+        if not any(v.link == "adapter" for v in self.district.villages()):
+            return None  # no adapter room: nobody to listen to
+        if ac.listen is None:
+            if self.adapter_links:
+                log.warning(
+                    "adapter.no_listener", hint="[adapter] listen unset: no heartbeats or task reports"
+                )
+            return None
+        try:
+            listen = adapter_address.parse(ac.listen, scheme=False)
+        except adapter_address.AddressError as e:
+            log.error("adapter.bad_listen", error=str(e), hint="[adapter] listen: HOST:PORT")
+            return None
+        return AdapterListener(
+            listen,
+            self.district,
+            self.adapter,
+            self.metrics,
+            on_report=lambda r: self.runner.on_report(r),
+            on_presence=lambda p: self.runner.on_presence(p),
+            on_unknown=lambda codes, why: self.runner.terminals_unknown(codes, why),
+            signer=signer,
+            verifiers=adapter_verifiers(
+                ac.keys_dir, self.config.base_dir, self.config.security.scheme, list(self.adapter_links)
+            ),
+            variant=SignedData(ac.signed_data),
+            heartbeat_s=ac.heartbeat_s,
+            max_connections=ac.max_connections,
+            max_garbage_bytes=ac.max_garbage_bytes,
+            idle_timeout_s=ac.idle_timeout_s,
+        )
+
+    def _adapter_frame(self, frame: Any) -> None:
+        """A report or heartbeat an adapter sent on the command connection: as if to the listener."""
+        if self.adapter_listener is not None:
+            self.adapter_listener.handle(frame)  # answers belong on the adapter's listener connection
+        else:
+            self.metrics.dropped.labels("adapter").inc()
+
     # -- life cycle ------------------------------------------------------------------------
     async def run(self, *, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until `stop()` or a signal, then shut down gracefully."""
@@ -313,6 +395,10 @@ class Daemon:
                 tg.create_task(self._stopper(server), name="stopper")
                 for room, master in self.serial_masters.items():
                     tg.create_task(master.run(), name=f"serial-bus-{room}")
+                for room, link in self.adapter_links.items():
+                    tg.create_task(link.run(), name=f"adapter-{room}")
+                if self.adapter_listener is not None:
+                    tg.create_task(self.adapter_listener.run(), name="adapter-listener")
                 self.ready.set()
                 if on_ready:
                     on_ready()
@@ -347,6 +433,7 @@ class Daemon:
                 if self.link.connected.is_set():
                     await self.link.drain()
                 await self.serial.close()
+                await self.adapter.close()
                 await self._save_docs()
                 if self._journal:
                     await self._journal.flush()

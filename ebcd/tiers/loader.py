@@ -127,8 +127,8 @@ def _add_room(
         check.fail(place, str(e))
         return
     link = row["link"] or "mqtt"
-    if link not in ("mqtt", "serial"):
-        check.fail(place, f"link {link!r} must be mqtt or serial")
+    if link not in ("mqtt", "serial", "adapter"):
+        check.fail(place, f"link {link!r} must be mqtt, serial or adapter")
         return
     if tier == "town":
         district.towns[row["code"]] = Town(row["code"], row["name"], code.area)
@@ -146,6 +146,9 @@ def _add_room(
         return
     if link == "serial" and not row["port"]:
         check.fail(place, f"village {row['code']} is on a serial link but names no port")
+        return
+    if link == "adapter" and not row["port"].startswith("tcp://"):
+        check.fail(place, f"village {row['code']} is driven by an adapter but names no tcp://HOST:PORT port")
         return
     village = Village(row["code"], row["name"], code.area, town.code, link, row["port"] or None)  # type: ignore[arg-type]
     town.villages[village.code] = village

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-LinkKind = Literal["mqtt", "serial"]
+LinkKind = Literal["mqtt", "serial", "adapter"]
 
 
 @dataclass(frozen=True, slots=True)

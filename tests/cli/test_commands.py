@@ -511,7 +511,14 @@ def test_topology_check_prints_the_counts_per_tier() -> None:
     as_json = runner.invoke(app, ["topology", "check", "-c", str(SHIPPED), "--json"])
     assert as_json.exit_code == 0, as_json.output
     counts = json.loads(as_json.stdout)
-    assert counts == {"district": 1, "towns": 7, "villages": 149, "terminals": 769, "serial_rooms": 19}
+    assert counts == {
+        "district": 1,
+        "towns": 7,
+        "villages": 149,
+        "terminals": 769,
+        "serial_rooms": 19,
+        "adapter_rooms": 20,
+    }
 
 
 def test_topology_check_of_a_broken_ledger_exits_2_naming_the_place(tmp_path: Path) -> None:
