@@ -33,6 +33,7 @@ from ebcd.config import Config, parse_broker_url
 from ebcd.control.handler import ControlHandler
 from ebcd.control.socket import SOCKET_NAME, serve
 from ebcd.daemon.health import JournalHealth
+from ebcd.daemon.terminals import TerminalTraffic
 from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import Core, Policy
 from ebcd.delivery.records import AlertRecord
@@ -51,13 +52,11 @@ from ebcd.protocols.adapter.frame import SignedData
 from ebcd.protocols.adapter.link import AdapterLink
 from ebcd.protocols.adapter.listener import AdapterListener, adapter_verifiers
 from ebcd.protocols.adapter.transport import AdapterTransport
-from ebcd.protocols.mqtt import codec as mqtt_codec
-from ebcd.protocols.mqtt.codec import CodecError, Topics
+from ebcd.protocols.mqtt.codec import Topics
 from ebcd.protocols.mqtt.link import LinkState, MqttLink, Will
 from ebcd.protocols.mqtt.transport import MqttTransport
 from ebcd.protocols.serial.bus import SerialBusMaster
 from ebcd.protocols.serial.transport import SerialTransport
-from ebcd.security.acl_probe import AclProbeError, is_acl_probe, probe_report_acl
 from ebcd.security.bench import BENCH, signer_from
 from ebcd.security.mqtt_auth import read_secret, tls_context
 from ebcd.security.reports import report_verifier_from
@@ -102,14 +101,6 @@ class Daemon:
         self.health = JournalHealth(lambda: self.journal.stats, self.metrics, on_change=self._on_health)
         host, port, tls = parse_broker_url(self.broker)
         self._broker_addr = (host, port, _tls_context(config, tls))
-        sec = config.security
-        self.reports = report_verifier_from(
-            sec.terminal_keys_dir, config.base_dir, window_s=sec.replay_window_s
-        )
-        self._mqtt_codes = [t.code for t in district.terminals() if t.link == "mqtt"]
-        if self.reports.enabled and (missing := self.reports.missing(self._mqtt_codes)):
-            log.warning("security.terminal_keys_missing", terminals=len(missing), first=missing[0],
-                        hint="every report and presence of these terminals is refused")  # fmt: skip
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self.link = MqttLink(
             host=host,
@@ -123,7 +114,7 @@ class Daemon:
             clean_session=False,
             protocol=config.mqtt.protocol,
             subscriptions=[self.topics.alerts_in, self.topics.all_reports, self.topics.all_presence],
-            on_message=self._on_message,
+            on_message=lambda *message: self.terminals.on_message(*message),
             held_topics=[self.topics.alerts_in],  # acknowledged to the broker once journalled
             on_held_message=lambda topic, payload, retain, props, ack: self.ingest.offer(
                 topic, payload, retain, props, ack
@@ -183,6 +174,15 @@ class Daemon:
             signer=signer,
             state_interval_s=dc.state_publish_interval_s,
         )
+        sec = config.security
+        self.terminals = TerminalTraffic(
+            district,
+            self.topics,
+            report_verifier_from(sec.terminal_keys_dir, config.base_dir, window_s=sec.replay_window_s),
+            self.runner,
+            self.metrics,
+        )
+        self.terminals.warn_missing_keys()
         self.admission = Admission(
             config=config,
             district=district,
@@ -391,7 +391,7 @@ class Daemon:
                 tg.create_task(self._save_docs_loop(), name="journal-docs")
                 tg.create_task(run_retention(self.journal, self.config.journal), name="journal-retention")
                 tg.create_task(self.scheduler.run(), name="test-broadcasts")
-                tg.create_task(self._probe_report_acl(), name="acl-probe")
+                tg.create_task(self.terminals.probe_acl(*self._broker_addr), name="acl-probe")
                 tg.create_task(self._stopper(server), name="stopper")
                 for room, master in self.serial_masters.items():
                     tg.create_task(master.run(), name=f"serial-bus-{room}")
@@ -506,61 +506,10 @@ class Daemon:
     def _on_link_state(self, state: LinkState) -> None:
         self.metrics.mqtt_connected.set(1 if state is LinkState.CONNECTED else 0)
 
-    def _on_message(self, topic: str, payload: bytes, retain: bool, properties: Any) -> None:
-        terminal = self.topics.terminal_of(topic)
-        if terminal is None:
-            self.metrics.unexpected.labels("topic").inc()
-            return
-        known = self.district.terminal(terminal)
-        if known is None or known.link != "mqtt":  # only IP/4G terminals speak for themselves over MQTT
-            self.metrics.unexpected.labels("not_an_mqtt_terminal").inc()
-            log.warning("terminal.not_on_mqtt", terminal=terminal, topic=topic)
-            return
-        try:
-            if topic.endswith("/report"):
-                report = mqtt_codec.decode_report(terminal, payload)
-                if is_acl_probe(report):
-                    self.metrics.unexpected.labels("acl_probe").inc()
-                elif (why := self.reports.check_report(report, report.signature)) is not None:
-                    self.metrics.unexpected.labels("unverified_report").inc()
-                    log.warning("terminal.report_refused", terminal=terminal, alert_id=report.alert_id,
-                                revision=report.revision, status=report.status.value, why=why)  # fmt: skip
-                else:
-                    self.runner.on_report(report)
-            elif topic.endswith("/presence"):
-                presence = mqtt_codec.decode_presence(terminal, payload)
-                if (why := self.reports.check_presence(presence, presence.signature)) is not None:
-                    self.metrics.unexpected.labels("unverified_presence").inc()
-                    log.warning("terminal.presence_refused", terminal=terminal, state=presence.state.value,
-                                session=presence.session, why=why)  # fmt: skip
-                else:
-                    self.runner.on_presence(presence)
-        except CodecError as e:
-            self.metrics.unexpected.labels("malformed").inc()
-            log.warning("terminal.malformed_message", terminal=terminal, topic=topic, error=str(e))
-
     def _publish_state(self, alert: Alert, doc: dict[str, Any]) -> None:
         self.link.enqueue(
             self.topics.alert_state(alert.id), json.dumps(doc, ensure_ascii=False).encode(), retain=True
         )
-
-    async def _probe_report_acl(self) -> None:
-        """Warn at start when anyone may publish terminal reports and nothing checks them."""
-        if self.reports.enabled or not self._mqtt_codes:
-            return
-        host, port, tls = self._broker_addr
-        try:
-            result = await probe_report_acl(host, port, tls, self.district.code, self._mqtt_codes[0])
-        except AclProbeError as e:
-            log.info("security.acl_probe_failed", error=str(e))
-            return
-        if result.open:
-            log.warning(
-                "security.reports_unprotected",
-                evidence=result.evidence,
-                hint="an anonymous client may publish terminal reports and no [security] terminal_keys_dir "
-                "is set: anyone on the broker can forge acknowledgements (see the shipped ACL)",
-            )
 
     # -- liveness --------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
