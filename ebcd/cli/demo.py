@@ -66,25 +66,6 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
             _spawn(
                 [
                     *base,
-                    "simulate",
-                    "-c",
-                    str(config_path),
-                    "--broker",
-                    broker,
-                    "--faults",
-                    faults,
-                    "--play-time",
-                    "0.5",
-                    "--run-dir",
-                    str(run_dir),
-                ],
-                work / "simulate.log",
-            )
-        )
-        procs.append(
-            _spawn(
-                [
-                    *base,
                     "run",
                     "-c",
                     str(config_path),
@@ -103,6 +84,27 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
             )
         )
         client = ControlClient(work / SOCKET_NAME)
+        # the daemon first: it hears every terminal's birth, instead of waiting for its next heartbeat
+        await _wait_daemon(client, procs)
+        procs.append(
+            _spawn(
+                [
+                    *base,
+                    "simulate",
+                    "-c",
+                    str(config_path),
+                    "--broker",
+                    broker,
+                    "--faults",
+                    faults,
+                    "--play-time",
+                    "0.5",
+                    "--run-dir",
+                    str(run_dir),
+                ],
+                work / "simulate.log",
+            )
+        )
         online = await _wait_online(client, terminals, procs)
         console.print(f"{online} of {terminals} terminals online; sending a district-wide test alert")
         answer = await client.request(
@@ -151,15 +153,31 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)  # noqa: S603
 
 
+def _check_alive(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is not None:
+            what = " ".join(str(a) for a in p.args[3:5])  # type: ignore[index]
+            raise SystemExit(f"ebcd demo: {what} exited with {p.returncode}; see its log")
+
+
+async def _wait_daemon(client: ControlClient, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with console.status("starting the daemon"):
+        while time.monotonic() < deadline:
+            _check_alive(procs)
+            with contextlib.suppress(NoDaemon, OSError):
+                if (await client.request("terminals")).get("ok"):
+                    return
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"ebcd demo: the daemon did not answer within {START_TIMEOUT_S:.0f} s; see its log")
+
+
 async def _wait_online(client: ControlClient, expected: int, procs: list[subprocess.Popen[bytes]]) -> int:
     deadline = time.monotonic() + START_TIMEOUT_S
     online, last_change, last = 0, time.monotonic(), -1
-    with console.status("starting the daemon and the simulated terminals") as status:
+    with console.status("starting the simulated terminals") as status:
         while time.monotonic() < deadline:
-            for p in procs:
-                if p.poll() is not None:
-                    what = " ".join(str(a) for a in p.args[3:5])  # type: ignore[index]
-                    raise SystemExit(f"ebcd demo: {what} exited with {p.returncode}; see its log")
+            _check_alive(procs)
             with contextlib.suppress(NoDaemon, OSError):
                 answer = await client.request("terminals")
                 online = sum(1 for t in answer.get("terminals", []) if t["state"] == "online")
