@@ -50,7 +50,6 @@ from ebcd.protocols.adapter.bodies import (
     decode_body,
     encode_body,
 )
-from ebcd.protocols.adapter.errors import RemoteProtocolError
 from ebcd.protocols.adapter.frame import (
     HEAD_ADAPTER,
     HEAD_PLATFORM,
@@ -62,6 +61,7 @@ from ebcd.protocols.adapter.frame import (
     encode_frame,
     verify_frame,
 )
+from ebcd.protocols.errors import RemoteProtocolError
 from ebcd.security.signing import SecurityError, Verifier
 
 log = structlog.get_logger("ebcd.simulator.adapter")

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from ebcd.protocols.adapter.bodies import Heartbeat, TaskEnd, decode_body, encode_body
 from ebcd.protocols.adapter.describe import describe, render
-from ebcd.protocols.adapter.errors import MalformedFrameError
 from ebcd.protocols.adapter.frame import (
     HEAD_ADAPTER,
     HEAD_PLATFORM,
@@ -25,6 +24,7 @@ from ebcd.protocols.adapter.frame import (
     sign_frame,
     verify_frame,
 )
+from ebcd.protocols.errors import MalformedFrameError
 from ebcd.security.signing import (
     Ed25519SigningKey,
     Scheme,

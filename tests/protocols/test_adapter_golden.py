@@ -20,8 +20,8 @@ from ebcd.protocols.adapter.bodies import (
     decode_body,
     encode_body,
 )
-from ebcd.protocols.adapter.errors import CrcError, MalformedFrameError
 from ebcd.protocols.adapter.frame import Frame, decode_frame, encode_frame
+from ebcd.protocols.errors import CrcError, MalformedFrameError
 
 ADAPTER = "63415231060010314010101"  # a village room driven by an adapter
 T1 = "63415231060010314010401"

@@ -27,7 +27,6 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ebcd.protocols.adapter.errors import LocalProtocolError, MalformedFrameError
 from ebcd.protocols.adapter.frame import ProtocolType
 from ebcd.protocols.bcd import (
     EBMID_BCD_BYTES,
@@ -39,6 +38,7 @@ from ebcd.protocols.bcd import (
     unpack_ebmid,
     unpack_ebrid,
 )
+from ebcd.protocols.errors import LocalProtocolError, MalformedFrameError
 
 EVENT_TYPE_CHARS = 5
 LANGUAGE_CHINESE = "zho"

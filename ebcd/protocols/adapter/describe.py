@@ -15,7 +15,6 @@ from ebcd.protocols.adapter.bodies import (
     decode_body,
     result_meaning,
 )
-from ebcd.protocols.adapter.errors import CrcError, RemoteProtocolError
 from ebcd.protocols.adapter.frame import (
     Frame,
     SignedData,
@@ -24,6 +23,7 @@ from ebcd.protocols.adapter.frame import (
     parse_header,
     verify_frame,
 )
+from ebcd.protocols.errors import CrcError, RemoteProtocolError
 from ebcd.protocols.serial.frame import FrameDescription
 from ebcd.security.signing import SignatureError, Verifier, parse_signature
 

@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
-from ebcd.protocols.adapter.errors import (
+from ebcd.protocols.crc import crc32_mpeg2
+from ebcd.protocols.errors import (
     CrcError,
     LocalProtocolError,
     MalformedFrameError,
@@ -36,7 +37,6 @@ from ebcd.protocols.adapter.errors import (
     RemoteProtocolError,
     TruncatedFrameError,
 )
-from ebcd.protocols.crc import crc32_mpeg2
 from ebcd.security.signing import SIGNATURE_BLOCK_BYTES, SignedInfo, Signer, Verifier
 
 HEAD_PLATFORM = 0x49

@@ -24,8 +24,8 @@ import structlog
 from ebcd.model.backoff import Backoff
 from ebcd.protocols.adapter.address import Address, AddressError, room_port_file
 from ebcd.protocols.adapter.bodies import Reply, decode_body
-from ebcd.protocols.adapter.errors import RemoteProtocolError
 from ebcd.protocols.adapter.frame import HEAD_ADAPTER, Frame, FrameDecoder, ProtocolType
+from ebcd.protocols.errors import RemoteProtocolError
 
 log = structlog.get_logger("ebcd.adapter")
 

@@ -42,7 +42,6 @@ from ebcd.protocols.adapter.bodies import (
     decode_body,
     encode_body,
 )
-from ebcd.protocols.adapter.errors import RemoteProtocolError
 from ebcd.protocols.adapter.frame import (
     HEAD_ADAPTER,
     HEAD_PLATFORM,
@@ -56,6 +55,7 @@ from ebcd.protocols.adapter.frame import (
     verify_frame,
 )
 from ebcd.protocols.adapter.transport import AdapterTransport
+from ebcd.protocols.errors import RemoteProtocolError
 from ebcd.protocols.messages import AckStatus, Liveness, TerminalPresence, TerminalReport
 from ebcd.security.signing import SecurityError, Signer, Verifier, load_verifier
 from ebcd.tiers.district import District

@@ -33,7 +33,6 @@ from ebcd.protocols.adapter.bodies import (
     encode_body,
     result_meaning,
 )
-from ebcd.protocols.adapter.errors import LocalProtocolError
 from ebcd.protocols.adapter.frame import (
     HEAD_PLATFORM,
     SOURCE_PLATFORM,
@@ -44,6 +43,7 @@ from ebcd.protocols.adapter.frame import (
     sign_frame,
 )
 from ebcd.protocols.adapter.link import AdapterDownError, AdapterLink, ReplyTimeoutError
+from ebcd.protocols.errors import LocalProtocolError
 from ebcd.protocols.messages import AckStatus, Command, PlayCommand, TerminalReport
 from ebcd.security.signing import Signer
 from ebcd.tiers.terminal import Terminal

@@ -29,8 +29,8 @@ from enum import IntEnum
 from typing import ClassVar, TypeVar
 
 from ebcd.protocols.bcd import BcdError, pack_ebmid, unpack_ebmid
+from ebcd.protocols.errors import LocalProtocolError, MalformedFrameError
 from ebcd.protocols.messages import AckStatus, Command, PlayCommand, StopCommand, TerminalReport
-from ebcd.protocols.serial.errors import LocalProtocolError, MalformedFrameError
 
 EVENT_TYPE_CHARS = 5
 MAX_U8 = 0xFF

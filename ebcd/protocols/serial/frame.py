@@ -36,6 +36,15 @@ from enum import IntEnum
 
 from ebcd.protocols.bcd import EBRID_BCD_BYTES, BcdError, pack_ebrid, unpack_ebrid
 from ebcd.protocols.crc import crc32_mpeg2
+from ebcd.protocols.errors import (
+    CrcError,
+    FrameError,
+    LocalProtocolError,
+    MalformedFrameError,
+    OversizeFrameError,
+    RemoteProtocolError,
+    TruncatedFrameError,
+)
 from ebcd.protocols.serial.bodies import (
     MAX_REMAINING_S,
     Body,
@@ -57,15 +66,6 @@ from ebcd.protocols.serial.bodies import (
     encode_body,
     report_result,
     result_report,
-)
-from ebcd.protocols.serial.errors import (
-    CrcError,
-    FrameError,
-    LocalProtocolError,
-    MalformedFrameError,
-    OversizeFrameError,
-    RemoteProtocolError,
-    TruncatedFrameError,
 )
 
 __all__ = [

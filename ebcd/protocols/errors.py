@@ -1,10 +1,11 @@
-"""The serial frame codec's one exception tree: we misused the format, or the peer broke it (h11 style)."""
+"""The frame codecs' one exception tree (serial and adapter): we misused the format, or the peer broke it
+(h11 style)."""
 
 from __future__ import annotations
 
 
 class FrameError(Exception):
-    """Base of every error the frame codec raises."""
+    """Base of every error a frame codec raises."""
 
 
 class LocalProtocolError(FrameError):
@@ -12,7 +13,7 @@ class LocalProtocolError(FrameError):
 
 
 class RemoteProtocolError(FrameError):
-    """Bytes from the line are not a valid frame."""
+    """Bytes from the peer (a serial line, an adapter's connection) are not a valid frame."""
 
 
 class TruncatedFrameError(RemoteProtocolError):
@@ -20,11 +21,11 @@ class TruncatedFrameError(RemoteProtocolError):
 
 
 class MalformedFrameError(RemoteProtocolError):
-    """The bytes break the layout: header, version, lengths, BCD addresses or body fields."""
+    """The bytes break the layout: header, version, lengths, BCD codes or addresses, body fields."""
 
 
 class OversizeFrameError(MalformedFrameError):
-    """The declared length exceeds the largest frame accepted."""
+    """The declared length exceeds the largest frame or body accepted."""
 
 
 class CrcError(RemoteProtocolError):
