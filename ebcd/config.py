@@ -90,6 +90,9 @@ class DeliveryConfig(_Strict):
     state_publish_interval_s: float = Field(default=0.25, gt=0)
     # an acknowledged broadcast that never reports `done` holds its terminal at most this long
     max_play_s: float = Field(default=600.0, gt=0)
+    # how often IP/4G terminals send a heartbeat; three periods of silence (plus 5 s): unknown.
+    # Adapter rooms follow [adapter] heartbeat_s, serial rooms their bus's polls.
+    terminal_heartbeat_s: float = Field(default=30.0, gt=0)
 
 
 class SerialConfig(_Strict):

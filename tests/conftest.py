@@ -136,6 +136,7 @@ def fast_config(config: Config, **delivery: float) -> Config:
         "retry_initial_s": 0.3,
         "retry_max_s": 1.0,
         "state_publish_interval_s": 0.1,
+        "terminal_heartbeat_s": 5.0,  # what the simulated terminals below do
         **delivery,
     }
     return config.model_copy(

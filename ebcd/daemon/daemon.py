@@ -513,7 +513,10 @@ class Daemon:
 
     # -- liveness --------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
-        silent_after_s = 3 * self.config.simulator.heartbeat_interval_s + 5
+        beats = [self.config.delivery.terminal_heartbeat_s]
+        if self.adapter_links:  # the rooms' terminals are heard at each of their adapter's heartbeats
+            beats.append(self.config.adapter.heartbeat_s)
+        silent_after_s = 3 * max(beats) + 5
         while True:
             await asyncio.sleep(LIVENESS_SWEEP_S)
             self.runner.sweep(silent_after_s)

@@ -63,6 +63,7 @@ FAST_TIMERS = {
     "state_publish_interval_s": "0.1",
     "play_time_s": "0.2",
     "heartbeat_interval_s": "2.0",
+    "terminal_heartbeat_s": "2.0",
 }
 
 
