@@ -24,8 +24,7 @@ head byte after garbage, counts what it skipped and why, and keeps at most one f
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 from ebcd.protocols.crc import crc32_mpeg2
@@ -34,9 +33,9 @@ from ebcd.protocols.errors import (
     LocalProtocolError,
     MalformedFrameError,
     OversizeFrameError,
-    RemoteProtocolError,
     TruncatedFrameError,
 )
+from ebcd.protocols.stream import StreamDecoder
 from ebcd.security.signing import SIGNATURE_BLOCK_BYTES, SignedInfo, Signer, Verifier
 
 HEAD_PLATFORM = 0x49
@@ -217,18 +216,7 @@ def decode_frame(
 
 
 @dataclass(slots=True)
-class DecoderStats:
-    """What a `FrameDecoder` has seen (all counts)."""
-
-    frames: int = 0
-    crc_errors: int = 0
-    malformed: int = 0
-    oversize: int = 0
-    discarded_bytes: int = 0
-
-
-@dataclass(slots=True)
-class FrameDecoder:
+class FrameDecoder(StreamDecoder[Frame]):
     """Frames out of a byte stream in any chunking; skips, counts and resynchronises on bad bytes.
 
     `feed(data)`, then `next_frame()` until None (or iterate). `heads` are the head bytes this
@@ -238,71 +226,15 @@ class FrameDecoder:
 
     heads: tuple[int, ...] = HEADS
     max_body_bytes: int = MAX_BODY_BYTES
-    stats: DecoderStats = field(default_factory=DecoderStats)
-    last_error: RemoteProtocolError | None = field(default=None, init=False)
-    garbage_run: int = field(default=0, init=False)
-    _buffer: bytearray = field(default_factory=bytearray, init=False, repr=False)
 
-    @property
-    def buffered(self) -> int:
-        """Bytes held while waiting for the rest of a frame."""
-        return len(self._buffer)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes received from the peer."""
-        self._buffer += data
-
-    def __iter__(self) -> Iterator[Frame]:
-        """Every complete frame buffered so far."""
-        while (frame := self.next_frame()) is not None:
-            yield frame
-
-    def next_frame(self) -> Frame | None:
-        """The next complete valid frame, or None until more bytes are fed."""
-        buffer = self._buffer
-        while True:
-            start = self._find_head()
-            if start < 0:
-                self._discard(len(buffer))
-                return None
-            self._discard(start)
-            if len(buffer) < HEADER_BYTES:
-                return None
-            try:
-                header = parse_header(buffer, heads=self.heads, max_body_bytes=self.max_body_bytes)
-            except OversizeFrameError as exc:
-                self._bad(exc, "oversize")
-                continue
-            except RemoteProtocolError:
-                self._discard(1)  # a head byte inside garbage: not a frame start
-                continue
-            total = header.total_length
-            if len(buffer) < total:
-                return None
-            try:
-                frame = decode_frame(bytes(buffer[:total]), heads=self.heads)
-            except CrcError as exc:
-                self._bad(exc, "crc_errors")  # the length may itself be corrupt: rescan from the next byte
-                continue
-            except RemoteProtocolError as exc:
-                self._bad(exc, "malformed")
-                continue
-            del buffer[:total]
-            self.stats.frames += 1
-            self.garbage_run = 0
-            return frame
-
-    def _find_head(self) -> int:
-        found = [i for h in self.heads if (i := self._buffer.find(h)) >= 0]
+    def _find_start(self, buffer: bytearray) -> int:
+        found = [i for h in self.heads if (i := buffer.find(h)) >= 0]
         return min(found) if found else -1
 
-    def _bad(self, exc: RemoteProtocolError, counter: str) -> None:
-        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        self.last_error = exc
-        self._discard(1)
+    def _frame_length(self, buffer: bytearray) -> int | None:
+        if len(buffer) < HEADER_BYTES:
+            return None
+        return parse_header(buffer, heads=self.heads, max_body_bytes=self.max_body_bytes).total_length
 
-    def _discard(self, count: int) -> None:
-        if count > 0:
-            del self._buffer[:count]
-            self.stats.discarded_bytes += count
-            self.garbage_run += count
+    def _decode(self, data: bytes) -> Frame:
+        return decode_frame(data, heads=self.heads)

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 from ebcd.protocols.bcd import EBRID_BCD_BYTES, BcdError, pack_ebrid, unpack_ebrid
@@ -67,6 +66,7 @@ from ebcd.protocols.serial.bodies import (
     report_result,
     result_report,
 )
+from ebcd.protocols.stream import DecoderStats, StreamDecoder
 
 __all__ = [
     "CRC_BYTES",
@@ -298,27 +298,15 @@ def decode_frame(data: bytes | bytearray | memoryview, *, check_crc: bool = True
 
 
 @dataclass(slots=True)
-class DecoderStats:
-    """What a `FrameDecoder` has seen: frames, CRC failures, garbage and bad frames (all counts)."""
-
-    frames: int = 0
-    crc_errors: int = 0
-    discarded_bytes: int = 0
-    oversize: int = 0
-    malformed: int = 0
-
-
-@dataclass(slots=True)
-class FrameDecoder:
+class FrameDecoder(StreamDecoder[Frame]):
     """Frames out of a byte stream in any chunking; skips, counts and resynchronises on bad bytes.
 
     Use like h11: `feed(data)`, then `next_frame()` until it returns None (or iterate).
     """
 
     max_frame_bytes: int = MAX_FRAME_BYTES
-    stats: DecoderStats = field(default_factory=DecoderStats)
-    last_error: RemoteProtocolError | None = field(default=None, init=False)
-    _buffer: bytearray = field(default_factory=bytearray, init=False, repr=False)
+
+    SKIP_WHOLE_MALFORMED = True  # the CRC matched, so these are the sender's bytes: skip the frame
 
     def __post_init__(self) -> None:
         if not MIN_FRAME_BYTES <= self.max_frame_bytes <= MAX_FRAME_BYTES:
@@ -326,68 +314,6 @@ class FrameDecoder:
                 f"max_frame_bytes must be within {MIN_FRAME_BYTES}..{MAX_FRAME_BYTES}, "
                 f"got {self.max_frame_bytes}"
             )
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held while waiting for the rest of a frame."""
-        return len(self._buffer)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes received from the line."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise LocalProtocolError(f"feed() takes bytes, not {type(data).__name__}")
-        self._buffer += data
-
-    def __iter__(self) -> Iterator[Frame]:
-        """Every complete frame buffered so far."""
-        while (frame := self.next_frame()) is not None:
-            yield frame
-
-    def next_frame(self) -> Frame | None:
-        """The next complete valid frame, or None until more bytes are fed."""
-        buffer = self._buffer
-        while True:
-            start = buffer.find(FRAME_HEADER)
-            if start < 0:
-                # a trailing 0xFE may be the first half of a header split across chunks
-                self._discard(len(buffer) - (1 if buffer.endswith(FRAME_HEADER[:1]) else 0))
-                return None
-            self._discard(start)
-            if len(buffer) < PREFIX_BYTES:
-                return None
-            try:
-                prefix = parse_prefix(buffer)
-                if prefix.total_length > self.max_frame_bytes:
-                    raise OversizeFrameError(
-                        f"declared length {prefix.total_length} exceeds {self.max_frame_bytes}"
-                    )
-            except OversizeFrameError as exc:
-                self.stats.oversize += 1
-                self.last_error = exc
-                self._discard(1)
-                continue
-            except RemoteProtocolError:
-                self._discard(1)  # FE FD inside garbage: not a frame start
-                continue
-            if len(buffer) < prefix.total_length:
-                return None
-            try:
-                frame = decode_frame(bytes(buffer[: prefix.total_length]))
-            except CrcError as exc:
-                # the declared length may itself be corrupt: rescan from the next byte
-                self.stats.crc_errors += 1
-                self.last_error = exc
-                self._discard(1)
-                continue
-            except RemoteProtocolError as exc:
-                # the CRC matched, so these are the sender's bytes: skip the whole frame
-                self.stats.malformed += 1
-                self.last_error = exc
-                self._discard(prefix.total_length)
-                continue
-            del buffer[: prefix.total_length]
-            self.stats.frames += 1
-            return frame
 
     def flush_partial(self) -> list[Frame]:
         """The line went quiet: give up on an incomplete frame and return complete ones buffered behind it."""
@@ -400,10 +326,23 @@ class FrameDecoder:
                 self._discard(1)
         return frames
 
-    def _discard(self, count: int) -> None:
-        if count > 0:
-            del self._buffer[:count]
-            self.stats.discarded_bytes += count
+    def _find_start(self, buffer: bytearray) -> int:
+        return buffer.find(FRAME_HEADER)
+
+    def _partial_start(self, buffer: bytearray) -> int:
+        # a trailing 0xFE may be the first half of a header split across chunks
+        return 1 if buffer.endswith(FRAME_HEADER[:1]) else 0
+
+    def _frame_length(self, buffer: bytearray) -> int | None:
+        if len(buffer) < PREFIX_BYTES:
+            return None
+        total = parse_prefix(buffer).total_length
+        if total > self.max_frame_bytes:
+            raise OversizeFrameError(f"declared length {total} exceeds {self.max_frame_bytes}")
+        return total
+
+    def _decode(self, data: bytes) -> Frame:
+        return decode_frame(data)
 
 
 @dataclass(frozen=True, slots=True)
