@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ebcd.config import Config
+from ebcd.daemon.daemon import Daemon
 from ebcd.protocols.ebd.documents import ebm_body
 from ebcd.tiers.district import District
 from simulators.city_platform import CityPlatform
@@ -100,9 +101,8 @@ async def test_city_down_for_a_while_gets_every_state_report_in_order_when_back(
             assert (await city.send(ebm))[0] == 1  # the city's own client still reaches ebcd
             (run,) = [a for a in daemon.runner.alerts.values() if a.request.identifier == ebm.ebmid]
             await wait_for(lambda: run.state.value == "completed", 120)
-            await asyncio.sleep(3 * config.ebd.report_interval_s)  # the end reported into the outbox
             await wait_for(lambda: daemon.ebd is not None and daemon.ebd.uplink.up is False, 30)
-            waiting = await daemon.journal.ebd_unsent(1000)
+            waiting = await _unsent_until(daemon, "EBMBrdLog", 30)  # the end reported into the outbox
             assert {t for _i, _e, t, _p in waiting} >= {"EBMStateResponse", "EBMBrdLog"}
             await asyncio.sleep(3.0)  # the city stays away a while longer (a minute in the field)
             await city.up()
@@ -117,6 +117,16 @@ async def test_city_down_for_a_while_gets_every_state_report_in_order_when_back(
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"still unsent in the journal: {unsent & {w[1] for w in waiting}}")
+
+
+async def _unsent_until(daemon: Daemon, ebd_type: str, timeout_s: float) -> list[tuple[int, str, str, bytes]]:
+    """The journal's unsent packages, once one of them is of `ebd_type`."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            unsent = await daemon.journal.ebd_unsent(1000)
+            if any(t == ebd_type for _i, _e, t, _p in unsent):
+                return unsent
+            await asyncio.sleep(0.05)
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
