@@ -8,28 +8,20 @@ signed EBDResponse). A package journalled but not judged when ebcd stopped is ju
 start, before anything new. An EBM whose StartTime lies ahead keeps its verdict open until it
 starts, so a restart judges it again and it still starts on time.
 
-Everything sent up goes through the journal's outbox, in order, and leaves it only when the
-platform above answered: a platform that is down, or an ebcd that restarts, loses nothing.
-Broadcasts from above are polled each `report_interval_s`; a change of state or coverage makes an
-EBMStateResponse, the end of a broadcast makes the last one and its EBMBrdLog (in one journal
-transaction with marking it reported). Terminal states are polled likewise (EBRDTState, only
-the changed ones); the inventory (EBRDTInfo) goes up at start and on request; ConnectionCheck
-goes up every `heartbeat_s` directly, not through the outbox (a stale heartbeat means nothing).
+What goes up (state reports, logs, inventory, heartbeats) is `ebcd.platform.reporting`, through
+the journal's outbox: a platform above that is down, or an ebcd that restarts, loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import xml.etree.ElementTree as ET  # builds our own documents
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ebcd.admission.admission import Admission
 from ebcd.admission.authority import AuthorityError, Scope, UpstreamAuthority
@@ -37,16 +29,17 @@ from ebcd.config import Config, UpstreamConfig, UpstreamSender
 from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import Core
 from ebcd.delivery.runner import Runner
-from ebcd.delivery.state import EBM_STATE, AState, Bucket
+from ebcd.delivery.state import AState
 from ebcd.ingest import IngestError, Reason
 from ebcd.journal.journal import Journal, JournalError
 from ebcd.metrics import Metrics
 from ebcd.model.alert import AlertRequest
 from ebcd.platform import reports
 from ebcd.platform.mapping import to_request
-from ebcd.platform.uplink import Uplink
+from ebcd.platform.metrics import EbdMetrics
+from ebcd.platform.reporting import Reporting
 from ebcd.protocols.ebd import EbdError, ResultCode
-from ebcd.protocols.ebd.documents import Header, child_text, parse_ebm, response_body
+from ebcd.protocols.ebd.documents import child_text, parse_ebm, response_body
 from ebcd.protocols.ebd.envelope import Received, open_package, seal
 from ebcd.protocols.ebd.package import tar_of_body
 from ebcd.protocols.ebd.signature import TrustedKey, load_public_keys
@@ -59,46 +52,6 @@ TOPIC_PREFIX = "ebd "  # received.topic: "ebd <content type>" (what judging need
 SCHEDULE_TICK_S = 0.25
 LOOP_RESTART_S = 1.0
 ENDED = frozenset({AState.COMPLETED, AState.PARTIAL, AState.CANCELLED, AState.EXPIRED, AState.REJECTED})
-
-
-class EbdMetrics:
-    """The EBD link's own series (beside ebcd_rejected_messages_total{reason})."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.received = Counter(
-            "ebcd_ebd_received",
-            "EBD packages received, by ResultCode answered",
-            ["result"],
-            registry=registry,
-        )
-        self.sent = Counter(
-            "ebcd_ebd_sent",
-            "EBD packages the platform above answered, by EBDType",
-            ["type"],
-            registry=registry,
-        )
-        self.post_failures = Counter(
-            "ebcd_ebd_post_failures",
-            "POSTs up that failed (and are retried), by why",
-            ["why"],
-            registry=registry,
-        )
-        self.outbox = Gauge("ebcd_ebd_outbox", "EBD packages waiting to be sent up", registry=registry)
-        self.upstream_up = Gauge(
-            "ebcd_ebd_upstream_up", "1 while the platform above answers", registry=registry
-        )
-        for code in ResultCode:
-            self.received.labels(str(int(code)))
-        for why in ("connect", "timeout", "status"):
-            self.post_failures.labels(why)
-        for ebd_type in ("EBMStateResponse", "EBMBrdLog", "EBRDTInfo", "EBRDTState"):
-            self.sent.labels(ebd_type)
-        self.loop_failures = Counter(
-            "ebcd_ebd_loop_failures",
-            "EBD loops that failed and were restarted, by loop",
-            ["loop"],
-            registry=registry,
-        )
 
 
 @dataclass(slots=True)
@@ -114,7 +67,7 @@ class _Waiting:
 
 
 class EbdPlatform:
-    """The EBD link with the platform above: judge what comes down, report what happens."""
+    """The EBD link with the platform above: judge what comes down; `up` reports what happens."""
 
     def __init__(
         self,
@@ -137,7 +90,7 @@ class EbdPlatform:
         self.runner = runner
         self.core = core
         self.metrics = metrics
-        self.ebd_metrics = EbdMetrics(metrics.registry)
+        ebd_metrics = self.ebd_metrics = EbdMetrics(metrics.registry)
         self._journal = journal
         self.signer = signer
         self.upstream_code: str = cfg.upstream_code
@@ -153,14 +106,21 @@ class EbdPlatform:
             )
         except AuthorityError as e:  # it names the entry as [[upstream.senders]] #1: say where it is
             raise AuthorityError(f"[ebd] levels/event_types/area: {e}") from None
-        self.uplink = Uplink(cfg, self.ebd_metrics, self.keys)
+        self.up = Reporting(
+            cfg,
+            upstream_code=self.upstream_code,
+            district=district,
+            runner=runner,
+            core=core,
+            metrics=metrics,
+            ebd_metrics=ebd_metrics,
+            journal=journal,
+            signer=signer,
+            keys=self.keys,
+        )
+        self.uplink = self.up.uplink
         self._lock = asyncio.Lock()  # one package judged at a time, in arrival order
-        self._outbox_id = 0
-        self._outbox_wake = asyncio.Event()
-        self._broadcasts: dict[str, str] = {}  # alert id -> EBMID, until its end is reported
-        self._reported: dict[str, tuple[int, ...]] = {}  # alert id -> what its last report said
         self._waiting: dict[str, _Waiting] = {}  # EBMID -> broadcast waiting for its StartTime
-        self._terminal_states: dict[str, str] = {}
         self.started = asyncio.Event()
         if signer is None:
             log.warning(
@@ -168,30 +128,11 @@ class EbdPlatform:
                 hint="[security] scheme = none: the platform above will refuse ebcd's packages as unsigned",
             )
 
-    # -- identifiers -----------------------------------------------------------------------
-    def _ebdid(self, seq: int) -> str:
-        """EBDID = "10" + our EBRID + yyyyMMdd + 8 digits (GS `EBDcodeUtil`)."""
-        day = datetime.now(self.zone).strftime("%Y%m%d")
-        return f"10{self.district.code}{day}{seq % 100_000_000:08d}"
-
-    def _header(self, ebdid: str, ebd_type: str, related: str | None = None) -> Header:
-        return Header(
-            ebdid=ebdid,
-            ebd_type=ebd_type,
-            src=self.district.code,
-            dest=self.upstream_code,
-            time=reports.local(time.time(), self.zone),
-            src_url=self.cfg.own_url,
-            related=related,
-        )
-
     # -- life cycle ------------------------------------------------------------------------
     async def recover(self) -> None:
         """Outbox numbering, broadcasts still to report, and packages never judged (judged now, in order)."""
         journal = self._journal()
-        self._outbox_id = await journal.ebd_last_outbox_id()
-        for alert_id, ebmid in await journal.ebd_open_broadcasts():
-            self._broadcasts[alert_id] = ebmid
+        await self.up.load()
         rows = await journal.unjudged(source="ebd")
         for r in rows:
             content_type = r.topic.removeprefix(TOPIC_PREFIX)
@@ -199,34 +140,16 @@ class EbdPlatform:
                 await self._judge(r.row_id, bytes(r.payload), content_type, too_large=None)
         if rows:
             log.warning("ebd.recovered", packages=len(rows), hint="journalled but not judged before the stop")
-        await self._report_ended_while_down()
-        await self.enqueue(
-            "EBRDTInfo", reports.terminal_info(self.district.terminals(), time.time(), self.zone)
-        )
+        await self.up.resume()
         self.started.set()
-
-    async def _report_ended_while_down(self) -> None:
-        """Broadcasts from above that ended (final in the journal) before their end was reported."""
-        journal = self._journal()
-        for alert_id, ebmid in list(self._broadcasts.items()):
-            if alert_id in self.runner.alerts:
-                continue
-            doc = await journal.get_alert(alert_id)
-            state = AState((doc or {}).get("state", AState.EXPIRED.value))
-            desc = f"ended while ebcd was down ({state.value})"
-            body = reports.waiting_state_response(
-                ebmid, EBM_STATE[state], time.time(), self.zone, self.cfg.state_codes, desc
-            )
-            await self.enqueue("EBMStateResponse", body, ended=alert_id)
-            del self._broadcasts[alert_id]
 
     async def run(self) -> None:
         """Send up, report, heartbeat and start waiting broadcasts, until cancelled."""
         loops = {
-            "ebd-outbox": self._send_loop,
-            "ebd-reports": self._report_loop,
-            "ebd-heartbeat": self._heartbeat_loop,
-            "ebd-terminal-states": self._terminal_loop,
+            "ebd-outbox": self.up.send_loop,
+            "ebd-reports": self.up.report_loop,
+            "ebd-heartbeat": self.up.heartbeat_loop,
+            "ebd-terminal-states": self.up.terminal_loop,
             "ebd-start-times": self._start_loop,
         }
         try:
@@ -234,7 +157,7 @@ class EbdPlatform:
                 for name, loop in loops.items():
                     tg.create_task(self._forever(name, loop), name=name)
         finally:
-            await self.uplink.close()
+            await self.up.close()
 
     async def _forever(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run a loop; if it fails (the journal, a bug), log it and start it again a second later:
@@ -268,8 +191,8 @@ class EbdPlatform:
 
     def answer(self, their: str | None, code: ResultCode, desc: str, *, seq: int) -> bytes:
         """The EBDResponse tar answering a package (its EBDID in RelatedEBD when known)."""
-        ebdid = self._ebdid(seq)
-        return seal(self.signer, self._header(ebdid, "EBDResponse", their), response_body(code, desc))
+        ebdid = self.up.ebdid(seq)
+        return seal(self.signer, self.up.header(ebdid, "EBDResponse", their), response_body(code, desc))
 
     async def _judge(
         self, row: int, body: bytes, content_type: str, *, too_large: int | None
@@ -406,7 +329,7 @@ class EbdPlatform:
             await self._verdict(
                 gone.row, "rejected", f"cancelled before its StartTime by EBM {ebm.ebmid}", None
             )
-            await self.enqueue(
+            await self.up.enqueue(
                 "EBMStateResponse",
                 reports.waiting_state_response(
                     ebm.related_ebmid, 5, time.time(), self.zone, self.cfg.state_codes
@@ -419,7 +342,7 @@ class EbdPlatform:
             self._waiting[ebm.ebmid] = _Waiting(
                 row, ebdid, request, scope, mapped.starts_at, rec.package.ebdb
             )
-            await self.enqueue(
+            await self.up.enqueue(
                 "EBMStateResponse",
                 reports.waiting_state_response(ebm.ebmid, 1, time.time(), self.zone, self.cfg.state_codes),
             )
@@ -434,9 +357,7 @@ class EbdPlatform:
         actor = f"platform above {self.upstream_code}"
         alert = await self.admission.submit(request, source="ebd", actor=actor, scope=scope, payload=ebdb)
         if request.msg_type.value == "alert":
-            await self._journal().ebd_broadcast(alert.id, ebmid)
-            self._broadcasts[alert.id] = ebmid
-            await self._report(alert, ebmid, force=True)
+            await self.up.track(alert, ebmid)
         return alert
 
     async def _state_request(self, ebmid: str | None, ebdid: str) -> str:
@@ -445,14 +366,14 @@ class EbdPlatform:
                 ResultCode.MISSING_CONTENT, Reason.MISSING_CONTENT, "EBMStateRequest names no EBMID", ebdid
             )
         if ebmid in self._waiting:
-            await self.enqueue(
+            await self.up.enqueue(
                 "EBMStateResponse",
                 reports.waiting_state_response(ebmid, 1, time.time(), self.zone, self.cfg.state_codes),
             )
             return f"state of EBM {ebmid} (waiting) sent up"
         for alert in self.runner.alerts.values():
             if alert.request.identifier == ebmid and alert.request.sender == self.upstream_code:
-                await self._report(alert, ebmid, force=True)
+                await self.up.report(alert, ebmid, force=True)
                 return f"state of EBM {ebmid} (alert {alert.id}) sent up"
         raise EbdError(ResultCode.OTHER, Reason.UNKNOWN_REFERENCE, f"no broadcast with EBMID {ebmid}", ebdid)
 
@@ -463,10 +384,12 @@ class EbdPlatform:
             wanted = child_text(body, "OMDType") or child_text(body, "RptType") or ""
         now = time.time()
         if wanted == "EBRDTInfo":
-            await self.enqueue("EBRDTInfo", reports.terminal_info(self.district.terminals(), now, self.zone))
+            await self.up.enqueue(
+                "EBRDTInfo", reports.terminal_info(self.district.terminals(), now, self.zone)
+            )
         elif wanted == "EBRDTState":
             states = {t.code: self.core.liveness.state(t.code).value for t in self.district.terminals()}
-            await self.enqueue("EBRDTState", reports.terminal_state(states, now, self.zone))
+            await self.up.enqueue("EBRDTState", reports.terminal_state(states, now, self.zone))
         else:
             raise EbdError(
                 ResultCode.OTHER,
@@ -475,100 +398,6 @@ class EbdPlatform:
                 rec.document.header.ebdid,
             )
         return f"{wanted} sent up"
-
-    # -- what goes up ----------------------------------------------------------------------
-    async def enqueue(self, ebd_type: str, body: ET.Element, *, ended: str | None = None) -> None:
-        """Build, sign and journal a package to send up (in order); with `ended`, that broadcast's end."""
-        self._outbox_id += 1
-        seq = self._outbox_id
-        ebdid = self._ebdid(2 * seq)
-        package = seal(self.signer, self._header(ebdid, ebd_type), body)
-        await self._journal().ebd_enqueue(seq, ebdid, ebd_type, package, ended=ended)
-        self._outbox_wake.set()
-
-    async def _report(self, alert: Alert, ebmid: str, *, force: bool = False) -> None:
-        """An EBMStateResponse if anything it says changed (or `force`); at the end, the log too."""
-        key = (EBM_STATE[alert.state], alert.targets, *(alert.counts[b] for b in Bucket))
-        now = time.time()
-        if force or key != self._reported.get(alert.id):
-            self._reported[alert.id] = key
-            body = reports.ebm_state_response(
-                alert, ebmid, self.district, now, self.zone, self.cfg.state_codes
-            )
-            ended = alert.state in ENDED
-            if not ended:
-                await self.enqueue("EBMStateResponse", body)
-                return
-            await self.enqueue("EBMStateResponse", body)
-            if alert.id in self._broadcasts:
-                log_body = reports.brd_log(alert, ebmid, self.district, now, self.zone, self.cfg.state_codes)
-                await self.enqueue("EBMBrdLog", log_body, ended=alert.id)
-                del self._broadcasts[alert.id]
-
-    async def _report_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.report_interval_s)
-            for alert in list(self.runner.alerts.values()):
-                if alert.source != "ebd" or alert.request.identifier is None:
-                    continue
-                if alert.id in self._broadcasts or alert.id in self._reported:
-                    await self._report_safely(alert, alert.request.identifier)
-                    if alert.closed and alert.id not in self._broadcasts:
-                        self._reported.pop(alert.id, None)  # past its time to live: nothing changes any more
-
-    async def _report_safely(self, alert: Alert, ebmid: str) -> None:
-        try:
-            await self._report(alert, ebmid)
-        except JournalError as e:
-            self.metrics.journal_failures.labels("ebd_outbox").inc()
-            log.error("ebd.report_not_journalled", alert_id=alert.id, error=str(e))
-
-    async def _terminal_loop(self) -> None:
-        while True:
-            states = {t.code: self.core.liveness.state(t.code).value for t in self.district.terminals()}
-            changed = {c: s for c, s in states.items() if self._terminal_states.get(c) != s}
-            if changed:
-                try:
-                    await self.enqueue("EBRDTState", reports.terminal_state(changed, time.time(), self.zone))
-                    self._terminal_states.update(changed)
-                except JournalError as e:
-                    self.metrics.journal_failures.labels("ebd_outbox").inc()
-                    log.error("ebd.terminal_states_not_journalled", terminals=len(changed), error=str(e))
-            await asyncio.sleep(self.cfg.terminal_state_interval_s)
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            seq = int(time.time())  # heartbeats are not journalled; "01" + EBRID + zeros is GS's form
-            ebdid = f"01{self.district.code}{seq % 10**16:016d}"
-            package = seal(
-                self.signer,
-                self._header(ebdid, "ConnectionCheck"),
-                reports.connection_check(time.time(), self.zone),
-            )
-            await self.uplink.post(ebdid, package)
-            await asyncio.sleep(self.cfg.heartbeat_s)
-
-    async def _send_loop(self) -> None:
-        if self.cfg.upstream_url is None:
-            log.warning(
-                "ebd.no_upstream_url", hint="[ebd] upstream_url unset: reports stay in the journal's outbox"
-            )
-            return
-        while True:
-            batch = await self._journal().ebd_unsent(100)
-            self.ebd_metrics.outbox.set(len(batch))
-            if not batch:
-                self._outbox_wake.clear()
-                try:
-                    async with asyncio.timeout(5.0):
-                        await self._outbox_wake.wait()
-                except TimeoutError:
-                    pass
-                continue
-            for outbox_id, ebdid, ebd_type, package in batch:
-                result = await self.uplink.deliver(ebdid, package)
-                await self._journal().ebd_sent(outbox_id, result)
-                self.ebd_metrics.sent.labels(ebd_type).inc()
 
     async def _start_loop(self) -> None:
         while True:
@@ -590,7 +419,7 @@ class EbdPlatform:
             self.metrics.rejected.labels(e.reason.value).inc()
             log.warning("ebd.start_refused", ebmid=ebmid, reason=e.reason.value, detail=e.detail)
             await self._verdict(w.row, "rejected", f"{e.reason.value}: {e.detail}", None)
-            await self.enqueue(
+            await self.up.enqueue(
                 "EBMStateResponse",
                 reports.waiting_state_response(
                     ebmid, 4, time.time(), self.zone, self.cfg.state_codes, e.detail[:200]

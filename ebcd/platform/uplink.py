@@ -20,7 +20,7 @@ from ebcd.protocols.ebd.package import multipart, tar_name
 from ebcd.protocols.ebd.signature import TrustedKey
 
 if TYPE_CHECKING:
-    from ebcd.platform.platform import EbdMetrics
+    from ebcd.platform.metrics import EbdMetrics
 
 log = structlog.get_logger("ebcd.platform")
 
