@@ -5,9 +5,40 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from ebcd import __version__
+from ebcd.ingest import Reason
 
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
 JOURNAL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+TRANSPORTS = ("mqtt", "serial", "adapter")
+DROPPED_WHERE = ("mqtt_outgoing", "ingest_queue", "serial_encode", "adapter", "adapter_encode")
+ADAPTER_DROPS = (  # what the adapter listener drops (ebcd.protocols.adapter.listener)
+    "bad_frame",
+    "bad_signature",
+    "garbage",
+    "malformed",
+    "not_reading",
+    "too_many_connections",
+    "unexpected_type",
+    "unknown_adapter",
+    "unknown_broadcast",
+    "unknown_terminal",
+)
+UNEXPECTED_KINDS = (
+    "report",  # a report for no alert or delivery ebcd knows
+    "stale_revision",
+    "presence",  # a presence of a terminal not in the ledger
+    "topic",
+    "not_an_mqtt_terminal",
+    "malformed",
+    "unverified_report",
+    "unverified_presence",
+    "session_jump",
+    "acl_probe",
+    "response_topic",
+    "play_hold_timeout",  # an acknowledged broadcast never said `done` within max_play_s
+    "adapter_no_reply",
+    *(f"adapter_{why}" for why in ADAPTER_DROPS),
+)
 
 
 class Metrics:
@@ -92,10 +123,20 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        for outcome in ("acked", "refused", "uncertain", "expired", "cancelled"):
-            self.deliveries.labels(outcome, "mqtt")
-        self.dropped.labels("mqtt_outgoing")
-        self.dropped.labels("ingest_queue")
+        # every known label value is a series from the start, so rules and dashboards see a 0
+        # before the first event
+        for transport in TRANSPORTS:
+            for outcome in ("acked", "refused", "uncertain", "expired", "cancelled"):
+                self.deliveries.labels(outcome, transport)
+            self.retries.labels(transport)
+        for addressing in ("group", "terminal", "serial", "adapter"):
+            self.commands.labels(addressing)
+        for refusal in Reason:
+            self.rejected.labels(refusal.value)
+        for where in DROPPED_WHERE:
+            self.dropped.labels(where)
+        for kind in UNEXPECTED_KINDS:
+            self.unexpected.labels(kind)
         for state in ("unknown", "online", "offline"):
             self.terminals.labels(state)
         for reason in ("busy", "too_large", "idle", "stalled"):

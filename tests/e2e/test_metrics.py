@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ebcd import __version__
 from ebcd.config import Config, load_config, shipped_config_path
 from ebcd.daemon.daemon import Daemon
+from ebcd.ingest import Reason
 from ebcd.model.alert import AlertRequest, parse_target
 from ebcd.model.events import TEST_EVENT
 from ebcd.protocols.mqtt.codec import Topics
@@ -251,3 +252,30 @@ async def test_scrape_passes_promtool_check_metrics(mosquitto: Mosquitto, tmp_pa
     assert done.returncode == 0, f"promtool check metrics:\n{problems}"
     assert problems == "", f"promtool check metrics:\n{problems}"
     assert re.search(r"(?m)^ebcd_mqtt_connected 1\.0$", s.text)
+
+
+async def test_every_known_label_value_is_a_series_at_zero_before_anything_happens(
+    mosquitto: Mosquitto, shipped_config: Config, district: District, tmp_path: Path
+) -> None:
+    """Rules and dashboards see a 0 for every refusal reason, delivery outcome and drop before the first."""
+    async with running_daemon(shipped_config, district, mosquitto.url, tmp_path, metrics_port=0) as daemon:
+        text = await scrape(daemon)
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def zero(name: str, **labels: str) -> bool:
+        return samples.get((name, frozenset(labels.items()))) == 0.0
+
+    missing = [r.value for r in Reason if not zero("ebcd_rejected_messages_total", reason=r.value)]
+    assert not missing, f"no zero series for refusal reasons {missing}"
+    for transport in ("mqtt", "serial", "adapter"):
+        for outcome in ("acked", "refused", "uncertain", "expired", "cancelled"):
+            assert zero("ebcd_deliveries_total", outcome=outcome, transport=transport), (outcome, transport)
+        assert zero("ebcd_delivery_retries_total", transport=transport)
+    for where in ("mqtt_outgoing", "ingest_queue", "serial_encode", "adapter", "adapter_encode"):
+        assert zero("ebcd_dropped_messages_total", where=where), where
+    for kind in ("report", "unverified_report", "session_jump", "play_hold_timeout", "adapter_garbage"):
+        assert zero("ebcd_unexpected_messages_total", kind=kind), kind
