@@ -6,6 +6,7 @@ The topology itself (rooms and terminals) lives in CSV ledgers beside the TOML f
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -383,6 +384,20 @@ def _place(err: object) -> str:
     d = err if isinstance(err, dict) else {}
     loc = ".".join(str(p) for p in d.get("loc", ()))
     return f"[{loc}] {d.get('msg', err)}"
+
+
+SYSTEM_CONFIG = Path("/etc/ebcd/ebcd.toml")  # where docs/install.md puts it
+CONFIG_ENV = "EBCD_CONFIG"
+
+
+def default_config_path() -> Path:
+    """The config a command without `-c` reads: $EBCD_CONFIG, else /etc/ebcd/ebcd.toml on an
+    installed server, else the shipped district (a checkout, a demo, a test bench)."""
+    if named := os.environ.get(CONFIG_ENV):
+        return Path(named)
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG
+    return shipped_config_path()
 
 
 def shipped_config_path() -> Path:

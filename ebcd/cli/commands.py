@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ebcd import log as logsetup
-from ebcd.config import Config, ConfigError, load_config, parse_broker_url, shipped_config_path
+from ebcd.config import (
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+    parse_broker_url,
+    shipped_config_path,
+)
 from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
 from ebcd.tiers.district import District
 from ebcd.tiers.loader import TopologyError, load_district
@@ -38,6 +45,14 @@ keys_app = typer.Typer(no_args_is_help=True, help="Signing keys for commands to 
 app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="config file (default: $EBCD_CONFIG, else /etc/ebcd/ebcd.toml, else the shipped district)",
+    ),
+]
+DemoConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="config file (default: the shipped district)")
 ]
 BrokerOpt = Annotated[str | None, typer.Option("--broker", help="mqtt://HOST:PORT, overrides the config")]
@@ -67,7 +82,7 @@ def _fail(message: str, code: int = EXIT_REFUSED) -> typer.Exit:
 
 def _config(path: Path | None) -> Config:
     try:
-        return load_config(path or shipped_config_path())
+        return load_config(path or default_config_path())
     except ConfigError as e:
         for err in e.errors:
             typer.echo(f"{e.path}: {err}", err=True)
@@ -136,7 +151,7 @@ def _serial_run_dir(
         except ValueError as e:
             raise _fail(str(e)) from None
         normalized = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
-        run_dir = default_run_dir(config_path or shipped_config_path(), normalized)
+        run_dir = default_run_dir(config_path or default_config_path(), normalized)
     run_dir = run_dir.absolute()
     for village in rooms:
         village.port = expand_port(village.port or "", run_dir)
@@ -332,7 +347,7 @@ def demo(
     broker: BrokerOpt = None,
     faults: Annotated[str, typer.Option(help="fault profile for the simulated terminals")] = "none",
     state_dir: StateDirOpt = None,
-    config: ConfigOpt = None,
+    config: DemoConfigOpt = None,
 ) -> None:
     """Zero set-up: broker, daemon, 769 simulated terminals, a district-wide test alert, coverage."""
     from ebcd.cli.demo import run_demo
@@ -498,7 +513,7 @@ def _not_in_journal(alert_id: str, path: Path) -> typer.Exit:
 def _district_or_none(config: Path | None) -> District | None:
     """The topology for tallies the journal lacks, or None (and nothing said) if it does not load."""
     try:
-        return load_district(load_config(config or shipped_config_path()))
+        return load_district(load_config(config or default_config_path()))
     except (ConfigError, TopologyError):
         return None
 
