@@ -281,10 +281,12 @@ def alert_send(
 ) -> None:
     """Send an alert; print its id (with --wait, follow it and print the coverage)."""
     from ebcd.cli.render import follow
-    from ebcd.model.alert import AlertRequest, parse_target
+    from ebcd.model.alert import AlertRequest
 
     try:
-        targets = [parse_target(t) for t in target]
+        targets = [_target_option(t) for t in target]
+        if volume is not None and not _volume_ok(volume):
+            raise ValueError(f"--volume {volume}: expected 0 (mute), 1-100 (%) or 255 (leave it as it is)")
         req: dict[str, Any] = {
             "level": level,
             "event_type": event,
@@ -316,14 +318,70 @@ def alert_send(
     raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
 
 
+# The option of `alert send` behind each field of the alert request, for error messages.
+_SEND_OPTIONS = {
+    "level": "--level",
+    "event_type": "--event",
+    "targets": "--target",
+    "text": "--text",
+    "test": "--test",
+    "ttl_s": "--ttl",
+    "volume": "--volume",
+    "origin": "--origin",
+    "origin_room": "--origin",
+}
+EBRID_DIGITS = 23  # a resource code
+AREA_DIGITS = 12  # an administrative area code
+
+
 def _one_line(e: Exception) -> str:
+    """A validation error as one line naming the option at fault (`--ttl`), not the field."""
     from pydantic import ValidationError
 
     if isinstance(e, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or 'alert'}: {err['msg']}" for err in e.errors()
-        )
+        parts = []
+        for err in e.errors():
+            loc = [str(x) for x in err["loc"]]
+            where = _SEND_OPTIONS.get(loc[0], ".".join(loc)) if loc else "alert"
+            if loc and loc[0] == "targets" and len(loc) > 1:
+                where = f"--target #{int(loc[1]) + 1}" if loc[1].isdigit() else where
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+        return "; ".join(parts)
     return str(e)
+
+
+def _volume_ok(volume: int) -> bool:
+    """The volume byte of the field: 0 mute, 1-100 %, 255 unchanged (DOMAIN.md)."""
+    return volume in (0, 0xFF) or 1 <= volume <= 100
+
+
+def _target_option(text: str) -> Any:
+    """One `--target`, parsed, with a code of the wrong length refused saying the length it needs."""
+    from ebcd.model.alert import parse_target
+
+    try:
+        target = parse_target(text)
+    except ValueError as e:
+        why = _one_line(e).removeprefix(f"target {text.strip()!r}: ").removeprefix("alert: ")
+        raise ValueError(f"--target {text}: {why}") from None
+    code = target.code
+    if code is None:
+        return target
+    if not code.isdigit():
+        raise ValueError(f"--target {text}: a code is digits only, got {code!r}")
+    if target.kind == "terminal":
+        if len(code) != EBRID_DIGITS:
+            raise ValueError(
+                f"--target {text}: a terminal code is a {EBRID_DIGITS}-digit resource code, "
+                f"got {len(code)} digits"
+            )
+    elif len(code) not in (EBRID_DIGITS, AREA_DIGITS):
+        raise ValueError(
+            f"--target {text}: a {target.kind} code is a {EBRID_DIGITS}-digit resource code "
+            f"or a {AREA_DIGITS}-digit area code, got {len(code)} digits"
+        )
+    return target
 
 
 @alert_app.command("status")
@@ -536,14 +594,26 @@ def terminals(
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Terminals with their liveness state."""
+    """Terminals with their liveness state and when they were last heard."""
     from ebcd.cli.render import print_terminals
+    from ebcd.delivery.liveness import Live
 
+    states = [s.value for s in Live]
+    if state is not None and state not in states:
+        raise _fail(f"--state {state}: not a terminal state; expected one of {', '.join(states)}")
+    town_code = None
+    if town is not None:
+        _, district = _load(config)
+        found = district.town(town)
+        if found is None:
+            valid = ", ".join(f"{t.code} / {t.area} ({t.name})" for t in district.towns.values())
+            raise _fail(f"--town {town}: no such town; expected a resource or area code of {valid}")
+        town_code = found.code
     rows = _ask(_client(state_dir, config), "terminals")["terminals"]
     if state:
         rows = [r for r in rows if r["state"] == state]
-    if town:
-        rows = [r for r in rows if r["town"] == town or r["town"][1:13] == town]
+    if town_code is not None:
+        rows = [r for r in rows if r["town"] == town_code]
     if as_json:
         _print_json(rows)
     else:

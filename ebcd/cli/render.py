@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,8 +14,22 @@ from rich.tree import Tree
 from ebcd.control.socket import ControlClient, NoDaemon
 from ebcd.tiers.district import District
 
-console = Console()
-err_console = Console(stderr=True)
+# A pipe or a file gets whole lines: codes are never folded or cut to the 80 columns rich assumes
+# when it cannot ask a terminal (nor to a COLUMNS the shell left in the environment).
+UNBOUNDED_WIDTH = 10_000
+
+
+def _console_for(stream: TextIO, *, stderr: bool) -> Console:
+    """A console as wide as the terminal, or unbounded when the output is not a terminal."""
+    try:
+        tty = stream.isatty()
+    except ValueError:  # a closed stream
+        tty = False
+    return Console(stderr=stderr) if tty else Console(stderr=stderr, width=UNBOUNDED_WIDTH)
+
+
+console = _console_for(sys.stdout, stderr=False)
+err_console = _console_for(sys.stderr, stderr=True)
 
 
 def follow(client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
@@ -153,13 +168,24 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(problems)
 
 
+def ago(seconds: float | None) -> str:
+    """12.5 -> "12 s ago", 185 -> "3 min ago", None -> "never" (not heard since the daemon started)."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
 def print_terminals(rows: list[dict[str, Any]]) -> None:
-    """One line per terminal."""
+    """One line per terminal, with when the daemon last heard it."""
     table = Table(title=f"{len(rows)} terminal(s)")
-    for col in ("code", "name", "link", "state"):
-        table.add_column(col)
+    for col in ("code", "name", "link", "state", "last seen"):
+        table.add_column(col, no_wrap=col == "code")
     for r in rows:
-        table.add_row(r["code"], r["name"], r["link"], r["state"])
+        table.add_row(r["code"], r["name"], r["link"], r["state"], ago(r.get("last_seen_s")))
     console.print(table)
 
 

@@ -210,10 +210,12 @@ class ControlHandler:
         return f"waiting: {now}"
 
     def terminals(self) -> list[dict[str, Any]]:
-        """Every terminal of the district with its place, link and liveness."""
+        """Every terminal of the district with its place, link, liveness and when it was last heard."""
         out = []
+        now = self.runner.clock()
         for t in self.district.terminals():
             live = self.runner.core.liveness.terminals[t.code]
+            never = live.session < 0 and live.last_seen == 0.0  # not heard since the daemon started
             out.append(
                 {
                     "code": t.code,
@@ -223,6 +225,7 @@ class ControlHandler:
                     "link": t.link,
                     "state": live.state.value,
                     "session": live.session,
+                    "last_seen_s": None if never else round(max(0.0, now - live.last_seen), 1),
                 }
             )
         return out

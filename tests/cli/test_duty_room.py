@@ -1,0 +1,166 @@
+"""The duty room's commands as the duty officer types them: real `ebcd` subprocesses, a real daemon.
+
+The daemon and the simulators of 桃溪镇 are those of `tests/cli/test_commands.py` (its `cli`
+fixture, one set per module); 万佛湖镇 has no simulator, so its terminals never answer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from ebcd.cli.commands import app
+from ebcd.model.events import TEST_EVENT
+from ebcd.tiers.district import District
+from tests.cli.test_commands import (
+    COMMAND_TIMEOUT_S,
+    ROOT,
+    TOWN_AREA,
+    TOWN_CODE,
+    UNSIMULATED_TOWN,
+    Cli,
+    _explain,
+    cli,
+)
+
+__all__ = ["cli"]  # the module's daemon and simulators
+
+runner = CliRunner()
+
+
+def piped(c: Cli, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ebcd ARGS` with its output to a pipe and no COLUMNS in the environment, as in `ebcd … | grep`."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ebcd", *args, "--state-dir", str(c.state_dir), "-c", str(c.config)],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+
+
+def _send_in_process(*extra: str) -> Any:
+    """`alert send` in-process, with a state dir no daemon serves: refusals come before any request."""
+    send = ["alert", "send", "--level", "4", "--event", TEST_EVENT, "--text", "测试", "--test"]
+    if "--target" not in extra:
+        send += ["--target", "all"]
+    return runner.invoke(app, [*send, *extra, "--state-dir", "/nonexistent/ebcd-test"])
+
+
+# -- ebcd terminals --------------------------------------------------------------------------------
+def test_terminals_json_says_when_each_terminal_was_last_heard(cli: Cli, district: District) -> None:
+    rows = {r["code"]: r for r in cli.json("terminals")}
+    for code in cli.simulated:  # heartbeats every 2 s: heard within the last minute
+        assert rows[code]["last_seen_s"] is not None, rows[code]
+        assert 0 <= rows[code]["last_seen_s"] < 60, rows[code]
+    silent = [t.code for t in district.towns[UNSIMULATED_TOWN].terminals()]
+    assert silent
+    assert all(rows[code]["last_seen_s"] is None for code in silent)
+
+
+def test_terminals_table_to_a_pipe_has_a_last_seen_column_and_whole_codes(
+    cli: Cli, district: District
+) -> None:
+    done = piped(cli, "terminals")
+    assert done.returncode == 0, _explain(done)
+    lines = done.stdout.splitlines()
+    assert any("last seen" in line for line in lines), done.stdout
+    by_code = {}
+    for t in district.terminals():
+        found = [line for line in lines if t.code in line]
+        assert len(found) == 1, f"{t.code} is not whole on one line of the table"
+        by_code[t.code] = found[0]
+    sim = next(iter(cli.simulated))
+    assert " s ago" in by_code[sim] or " min ago" in by_code[sim], by_code[sim]
+    silent = next(district.towns[UNSIMULATED_TOWN].terminals()).code
+    assert "never" in by_code[silent], by_code[silent]
+
+
+def test_terminals_with_an_unknown_state_exits_2_listing_the_states(cli: Cli) -> None:
+    done = cli.run("terminals", "--state", "onlin")
+    assert done.returncode == 2, _explain(done)
+    assert done.stdout == ""
+    assert "--state onlin" in done.stderr
+    for state in ("unknown", "online", "offline"):
+        assert state in done.stderr
+
+
+def test_terminals_with_an_unknown_town_exits_2_listing_the_towns(cli: Cli, district: District) -> None:
+    done = cli.run("terminals", "--town", "341523999000")
+    assert done.returncode == 2, _explain(done)
+    assert done.stdout == ""
+    assert "--town 341523999000" in done.stderr
+    for town in district.towns.values():
+        assert town.code in done.stderr
+        assert town.area in done.stderr
+        assert town.name in done.stderr
+
+
+@pytest.mark.parametrize("town", [TOWN_AREA, TOWN_CODE])
+def test_terminals_of_a_town_by_area_or_resource_code(cli: Cli, town: str) -> None:
+    rows = cli.json("terminals", "--town", town)
+    assert {r["code"] for r in rows} == cli.simulated
+
+
+# -- alert send: what is refused before anything is sent --------------------------------------------
+@pytest.mark.parametrize("volume", ["101", "254", "-1", "256"])
+def test_send_with_a_volume_outside_0_1_100_255_exits_2_naming_the_option(volume: str) -> None:
+    result = _send_in_process("--volume", volume)
+    assert result.exit_code == 2, result.output
+    assert f"--volume {volume}" in result.stderr
+    assert "255" in result.stderr
+    assert "1-100" in result.stderr
+    assert "no daemon" not in result.stderr
+
+
+@pytest.mark.parametrize("volume", ["0", "1", "100", "255"])
+def test_send_with_a_valid_volume_gets_as_far_as_the_daemon(volume: str) -> None:
+    result = _send_in_process("--volume", volume)
+    assert result.exit_code == 2, result.output
+    assert "--volume" not in result.stderr
+    assert "no daemon" in result.stderr or "not running" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "needs"),
+    [
+        ("town:341523104", "12-digit area code"),
+        ("village:5341523104001031401010", "23-digit resource code"),
+        ("terminal:341523104001", "23-digit resource code"),
+    ],
+)
+def test_send_with_a_code_of_the_wrong_length_says_which_length_it_needs(target: str, needs: str) -> None:
+    result = _send_in_process("--target", target)
+    assert result.exit_code == 2, result.output
+    assert f"--target {target}" in result.stderr
+    assert needs in result.stderr
+    assert f"got {len(target.partition(':')[2])} digits" in result.stderr
+
+
+def test_send_with_a_bad_ttl_names_the_option_not_the_field() -> None:
+    result = _send_in_process("--ttl", "0")
+    assert result.exit_code == 2, result.output
+    assert "--ttl" in result.stderr
+    assert "ttl_s" not in result.stderr
+
+
+def test_send_with_a_bad_level_names_the_option() -> None:
+    result = _send_in_process("--level", "7")
+    assert result.exit_code == 2, result.output
+    assert "--level" in result.stderr
+
+
+def test_a_refused_send_names_the_option_in_json_mode_too(cli: Cli) -> None:
+    done = cli.run("alert", "send", "--level", "4", "--event", TEST_EVENT, "--target", "all", "--text",
+                   "x", "--volume", "150", "--json")  # fmt: skip
+    assert done.returncode == 2, _explain(done)
+    assert done.stdout == ""
+    assert "--volume 150" in done.stderr
