@@ -318,6 +318,31 @@ def alert_send(
     raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
 
 
+@alert_app.command("watch")
+def alert_watch(
+    alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Follow any alert live to its final state (exit 0 completed, 3 partial or ended otherwise)."""
+    from ebcd.cli.render import follow, print_state
+
+    client = _client(state_dir, config)
+    answer = _ask_or_journal(client, "status", id=alert_id)
+    if isinstance(answer, _Fallback):  # nothing to follow: the daemon is down or no longer holds it
+        with _open_journal(state_dir, config, answer, _district_or_none(config)) as reader:
+            final = reader.alert_state(alert_id)
+            if final is None:
+                raise _not_in_journal(alert_id, reader.path)
+        if as_json:
+            _print_json(final)
+        else:
+            print_state(final)
+    else:
+        final = follow(client, alert_id, answer["state"], quiet=as_json)
+        if as_json:
+            _print_json(final)
+    raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
+
+
 # The option of `alert send` behind each field of the alert request, for error messages.
 _SEND_OPTIONS = {
     "level": "--level",

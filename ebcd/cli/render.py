@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from ebcd.control.socket import ControlClient, NoDaemon
@@ -33,44 +36,102 @@ err_console = _console_for(sys.stderr, stderr=True)
 
 
 def follow(client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
-    """Follow an alert until it settles, with a live progress bar unless `quiet`; return its last state."""
+    """Follow an alert until it settles, live unless `quiet`; return its last state.
+
+    On a terminal the live view redraws in place; to a pipe or a file it writes a line per change.
+    """
     return asyncio.run(_follow(client, alert_id, first, quiet=quiet))
 
 
 async def _follow(
     client: ControlClient, alert_id: str, first: dict[str, Any], *, quiet: bool
 ) -> dict[str, Any]:
-    last = first
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("acked  {task.fields[uncertain]} uncertain  {task.fields[failed]} failed"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=quiet,
-    )
-    with progress:
-        task = progress.add_task(
-            alert_id,
-            total=first["targets"],
-            completed=first["acked"],
-            uncertain=first["uncertain"],
-            failed=first["failed"],
-        )
-        try:
-            async for answer in client.stream("watch", id=alert_id):
-                if not answer.get("ok"):
-                    break
-                last = answer["state"]
-                progress.update(
-                    task, completed=last["acked"], uncertain=last["uncertain"], failed=last["failed"]
-                )
-        except NoDaemon as e:
-            err_console.print(f"ebcd: lost the daemon while following {alert_id}: {e}")
+    seen: dict[str, Any] = {"state": first, "progress": {"pending": [], "villages": []}}
+    live = None
+    if not quiet and err_console.is_terminal:
+        live = Live(get_renderable=lambda: live_view(seen["state"], seen["progress"]), console=err_console)
+        live.start()
+    said = ""
+    try:
+        async for answer in client.stream("watch", id=alert_id):
+            if not answer.get("ok"):
+                break
+            seen["state"], seen["progress"] = answer["state"], answer.get("progress") or seen["progress"]
+            if live is not None:
+                live.refresh()
+            elif not quiet:
+                lines = "\n".join(live_lines(seen["state"], seen["progress"]))
+                if lines != said:
+                    err_console.print(lines, markup=False, highlight=False, soft_wrap=True)
+                    said = lines
+    except NoDaemon as e:
+        err_console.print(f"ebcd: lost the daemon while following {alert_id}: {e}", markup=False)
+    finally:
+        if live is not None:
+            live.stop()
+    last: dict[str, Any] = seen["state"]
     if not quiet:
         print_state(last)
     return last
+
+
+def _counts(t: dict[str, Any]) -> str:
+    return (
+        f"{t['acked']}/{t['targets']} acked, {t.get('uncertain', 0)} uncertain, {t.get('failed', 0)} failed,"
+        f" {t.get('pending', 0)} pending"
+    )
+
+
+def pending_text(progress: dict[str, Any]) -> str:
+    """'40 awaiting acknowledgement, 3 waiting for alert X', or '' when nothing is pending."""
+    return ", ".join(f"{p['terminals']} {p['why']}" for p in progress.get("pending", []))
+
+
+def live_lines(state: dict[str, Any], progress: dict[str, Any]) -> list[str]:
+    """The live view as plain lines: the alert, why its pending wait, and the villages it names."""
+    head = f"{state['id']} {state['state']}: {_counts(state)}"
+    why = pending_text(progress)
+    lines = [f"{head} ({why})" if why else head]
+    for v in progress.get("villages", []):
+        lines.append(f"  village {v['code']} {v['name']}: {_counts(v)}")
+    return lines
+
+
+def live_view(state: dict[str, Any], progress: dict[str, Any]) -> RenderableType:
+    """The live view for a terminal: a bar with the counts, why the pending wait, a row per village."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(
+        Text(state["id"], style="bold"),
+        Text(state["state"]),
+        ProgressBar(total=max(1, state["targets"]), completed=state["acked"], width=30),
+        Text(_counts(state)),
+        Text(_elapsed(state)),
+    )
+    parts: list[RenderableType] = [grid]
+    why = pending_text(progress)
+    if why:
+        parts.append(Text(f"pending: {why}", style="yellow"))
+    villages = progress.get("villages", [])
+    if villages:
+        rows = Table(box=None, padding=(0, 1), show_edge=False)
+        for col in ("village", "name", "targets", "acked", "uncertain", "failed", "pending"):
+            rows.add_column(col, justify="left" if col in ("village", "name") else "right", no_wrap=True)
+        for v in villages:
+            rows.add_row(
+                v["code"],
+                v["name"],
+                *(str(v.get(k, 0)) for k in ("targets", "acked", "uncertain", "failed", "pending")),
+            )
+        parts.append(rows)
+    return Group(*parts)
+
+
+def _elapsed(state: dict[str, Any]) -> str:
+    at = state.get("accepted_at")
+    if not at:
+        return ""
+    s = max(0.0, time.time() - float(at))
+    return f"{int(s // 60)}:{int(s % 60):02d}"
 
 
 def coverage_table(state: dict[str, Any], names: dict[str, str] | None = None) -> Table:

@@ -17,6 +17,7 @@ import structlog
 from ebcd.admission.admission import Admission
 from ebcd.admission.authority import OperatorAuthority, Scope, as_room
 from ebcd.admission.schedule import TestOutcome
+from ebcd.control.progress import progress_doc
 from ebcd.control.requests import COMMANDS, Op, Request, parse
 from ebcd.control.socket import ControlError, Peer
 from ebcd.delivery.alerts import Alert, Delivery
@@ -129,7 +130,8 @@ class ControlHandler:
         return alert
 
     async def watch(self, run: Alert) -> AsyncIterator[dict[str, Any]]:
-        """The alert's state now and at each change, until it settles (the last has more=False)."""
+        """The alert's state now and at each change, until it settles (the last has more=False),
+        with why its pending wait and the villages it names (`ebcd.control.progress`)."""
         q = self.runner.watch(run.id)
         try:
             doc = run.state_doc(self.district, self.runner.clock())
@@ -137,7 +139,8 @@ class ControlHandler:
                 settled = run.state is not AState.DISPATCHING
                 if settled:  # a queued state may predate the change that settled the alert
                     doc = run.state_doc(self.district, self.runner.clock())
-                yield {"state": doc, "more": not settled}
+                progress = progress_doc(run, self.district, self.runner.core.holders)
+                yield {"state": doc, "more": not settled, "progress": progress}
                 if settled:
                     return
                 doc = await q.get()

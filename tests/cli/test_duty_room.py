@@ -6,6 +6,7 @@ fixture, one set per module); 万佛湖镇 has no simulator, so its terminals ne
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -164,3 +165,60 @@ def test_a_refused_send_names_the_option_in_json_mode_too(cli: Cli) -> None:
     assert done.returncode == 2, _explain(done)
     assert done.stdout == ""
     assert "--volume 150" in done.stderr
+
+
+# -- alert watch, and the live line of alert send --wait ----------------------------------------------
+def _hopeless(district: District, n: int = 0) -> tuple[str, str, set[str]]:
+    """The n-th village of the town no simulator answers for: code, name, terminals."""
+    village = list(district.towns[UNSIMULATED_TOWN].villages.values())[n]
+    return village.code, village.name, {t.code for t in village.terminals}
+
+
+def test_watch_of_a_completed_alert_exits_0_with_its_state(cli: Cli) -> None:
+    sent = cli.send(f"town:{TOWN_AREA}", "--wait", "--json")
+    assert sent.returncode == 0, _explain(sent)
+    alert_id = json.loads(sent.stdout)["id"]
+    done = cli.run("alert", "watch", alert_id, "--json")
+    assert done.returncode == 0, _explain(done)
+    state = json.loads(done.stdout)
+    assert (state["id"], state["state"], state["coverage"]) == (alert_id, "completed", 1.0)
+
+
+def test_watch_reattaches_to_an_alert_in_flight_showing_why_its_pending_wait(
+    cli: Cli, district: District
+) -> None:
+    code, name, terminals = _hopeless(district, 1)
+    sent = cli.send(f"village:{code}", text="重新跟踪的测试")
+    assert sent.returncode == 0, _explain(sent)
+    alert_id = sent.stdout.strip()
+    done = piped(cli, "alert", "watch", alert_id)
+    assert done.returncode == 3, _explain(done)  # nobody answers: partial
+    lines = done.stderr.splitlines()
+    first = next(line for line in lines if line.startswith(f"{alert_id} dispatching"))
+    assert f"{len(terminals)} pending" in first, done.stderr
+    assert "awaiting acknowledgement" in first, done.stderr
+    assert any(line.strip().startswith(f"village {code} {name}:") for line in lines), done.stderr
+    last = [line for line in lines if line.startswith(alert_id)][-1]
+    assert last.startswith(f"{alert_id} partial: 0/{len(terminals)} acked"), done.stderr
+    assert alert_id in done.stdout  # the coverage table at the end
+
+
+def test_send_wait_says_a_pending_terminal_waits_for_the_alert_that_holds_it(
+    cli: Cli, district: District
+) -> None:
+    code, _, terminals = _hopeless(district, 2)
+    holder = cli.send(f"village:{code}", "--ttl", "120", text="先到的广播")
+    assert holder.returncode == 0, _explain(holder)
+    holder_id = holder.stdout.strip()
+    # an equal broadcast waits while the first one holds the terminals (sent, then retried)
+    done = piped(cli, "alert", "send", "--level", "4", "--event", TEST_EVENT, "--target",
+                 f"village:{code}", "--text", "后到的广播", "--test", "--wait")  # fmt: skip
+    assert done.returncode == 3, _explain(done)
+    assert f"{len(terminals)} waiting for alert {holder_id}" in done.stderr, done.stderr
+    assert f"village {code}" in done.stderr
+
+
+def test_watch_of_an_unknown_alert_exits_2_naming_it(cli: Cli) -> None:
+    done = cli.run("alert", "watch", "20991231-9997")
+    assert done.returncode == 2, _explain(done)
+    assert "20991231-9997" in done.stderr
