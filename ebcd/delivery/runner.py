@@ -159,6 +159,30 @@ class Runner:
             await journal.flush()
         return self._do(lambda now: self.core.update(alert_id, request, terminals, now))
 
+    async def resend(self, alert_id: str, kinds: Sequence[str], why: str) -> list[str]:
+        """A new attempt of the same revision to the terminals that did not acknowledge (`kinds`).
+
+        Journalled first: each re-opened delivery as pending, the alert as dispatching, so a
+        restart sends what was asked even if the daemon dies before it goes out. The core's
+        `Refused` for an alert past its time to live, ended, or with nothing to resend.
+        """
+        chosen = self.core.resendable(alert_id, kinds, self.clock())
+        alert = self.core.alerts[alert_id]
+        journal, wall = self._journal(), self.wall()
+        for d in chosen:
+            intent = replace(
+                d.record(alert_id, alert.revision), state=DState.PENDING, cause=why, budget_base=d.attempts,
+                retry=False,
+            )  # fmt: skip
+            journal.record_delivery(delivery_row(Transition(d.state, DEvent.RESEND, intent, 0.0), wall))
+        if alert.state is not AState.DISPATCHING:
+            await self._save_intent(alert, AState.DISPATCHING)
+        await journal.flush()
+        now = self.clock()
+        codes = self.core.resend(alert_id, kinds, why, now)
+        self._perform(self.core.drain())
+        return codes
+
     async def _save_intent(
         self, alert: Alert, state: AState, *, reason: str | None = None, closed: bool = False
     ) -> None:
