@@ -535,6 +535,47 @@ def alert_cancel(
         typer.echo(f"{alert_id} {state['state']}")
 
 
+@alert_app.command("resend")
+def alert_resend(
+    alert_id: str,
+    only: Annotated[
+        str | None,
+        typer.Option(help="which terminals: uncertain, failed, refused (comma separated; default all three)"),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")] = False,
+    as_json: JsonOpt = False,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A new attempt of the same revision to the terminals that did not acknowledge (never to one
+    that played it); refused for an alert past its time to live or cancelled."""
+    from ebcd.cli.render import follow
+    from ebcd.control.requests import RESEND_ONLY
+
+    kinds: list[str] = list(RESEND_ONLY)
+    if only is not None:
+        kinds = [k.strip() for k in only.split(",") if k.strip()]
+        wrong = [k for k in kinds if k not in RESEND_ONLY]
+        if wrong or not kinds:
+            raise _fail(f"--only {only}: expected some of {', '.join(RESEND_ONLY)}, comma separated")
+    client = _client(state_dir, config)
+    answer = _ask(client, "resend", id=alert_id, only=kinds)
+    state, resent = answer["state"], answer["resent"]
+    if not wait:
+        if as_json:
+            _print_json({"state": state, "resent": resent})
+        else:
+            typer.echo(
+                f"{alert_id} resent to {len(resent)} terminal(s) ({', '.join(kinds)}): {state['state']}"
+            )
+        raise typer.Exit(EXIT_OK)
+    typer.echo(f"{alert_id} resent to {len(resent)} terminal(s) ({', '.join(kinds)})", err=True)
+    final = follow(client, alert_id, state, quiet=as_json)
+    if as_json:
+        _print_json({"state": final, "resent": resent})
+    raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
+
+
 @alert_app.command("approve")
 def alert_approve(
     alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None

@@ -126,6 +126,11 @@ def live_view(state: dict[str, Any], progress: dict[str, Any]) -> RenderableType
     return Group(*parts)
 
 
+def _clock(at: float) -> str:
+    """A wall time as the duty room reads it: local, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
 def _elapsed(state: dict[str, Any]) -> str:
     at = state.get("accepted_at")
     if not at:
@@ -227,6 +232,20 @@ def print_report(report: dict[str, Any]) -> None:
                 p["terminal"], p["name"], p["state"], p.get("cause") or "", str(p["attempts"]), p["liveness"]
             )
         console.print(problems)
+    history = {code: h for code, h in report.get("history", {}).items() if h["attempts"]}
+    if history:
+        table = Table(title=f"attempts of {len(history)} terminal(s) without acknowledgement or resent")
+        for col in ("terminal", "#", "sent at", "link", "outcome", "cause", "asked by"):
+            table.add_column(col, no_wrap=col in ("terminal", "sent at"))
+        for code, h in history.items():
+            for a in h["attempts"]:
+                table.add_row(
+                    code, str(a["n"]), _clock(a["at"]), a["link"], a["outcome"], a.get("cause") or "",
+                    a.get("asked_by") or "",
+                )  # fmt: skip
+        console.print(table)
+    if report.get("history_error"):
+        err_console.print(f"ebcd: no attempt history: {report['history_error']}", markup=False)
 
 
 def ago(seconds: float | None) -> str:

@@ -1,7 +1,7 @@
 """The daemon's answers on its control socket: the duty officer's requests, op by op.
 
 `control.serve` frames the requests and knows the peer; this module decides what each op does.
-send, cancel, approve and reject are commands: journalled with who asked and refused outside the
+send, cancel, approve, reject and resend are commands: journalled with who asked and refused outside the
 operator's scope. status, list, watch, report and terminals only read the delivery core's state.
 """
 
@@ -18,13 +18,14 @@ from ebcd.admission.admission import Admission
 from ebcd.admission.authority import OperatorAuthority, Scope, as_room
 from ebcd.admission.schedule import TestOutcome
 from ebcd.control.progress import progress_doc
-from ebcd.control.requests import COMMANDS, Op, Request, parse
+from ebcd.control.requests import COMMANDS, RESEND_ONLY, Op, Request, parse
 from ebcd.control.socket import ControlError, Peer
 from ebcd.delivery.alerts import Alert, Delivery
 from ebcd.delivery.core import Refused
 from ebcd.delivery.runner import Runner
 from ebcd.delivery.state import AState, Bucket, DState
 from ebcd.ingest import IngestError, Reason
+from ebcd.journal.attempts import RESENT_BY, attempt_history, ledger_link
 from ebcd.journal.journal import Journal, JournalError
 from ebcd.model.alert import AlertRequest
 from ebcd.tiers.district import District
@@ -69,11 +70,14 @@ class ControlHandler:
         if op is Op.WATCH:
             return self.watch(self._alert(request.id))
         if op is Op.REPORT:
-            return self.report(self._alert(request.id))
+            run = self._alert(request.id)
+            report = self.report(run)
+            await self._add_history(report, run)
+            return report
         return {"terminals": self.terminals()}
 
     async def _command(self, request: Request, peer: Peer) -> dict[str, Any]:
-        """send, cancel, approve, reject: journalled with who asked, refused outside their scope."""
+        """send, cancel, approve, reject, resend: journalled with who asked, refused outside their scope."""
         journal = self._journal()
         op, token = request.op.value, request.token
         detail = request.detail()  # never journal a secret
@@ -111,6 +115,11 @@ class ControlHandler:
         alert = self._alert(request.id)
         scope.check(alert.deliveries, alert.request.identifier, f"{op} alerts of")
         try:
+            if op is Op.RESEND:
+                kinds = list(request.only or RESEND_ONLY)
+                codes = await self.runner.resend(alert.id, kinds, f"{RESENT_BY}{who}")
+                log.info("control.resent", alert_id=alert.id, user=who, only=kinds, terminals=len(codes))
+                return {"state": alert.state_doc(self.district, now()), "resent": codes}
             if op is Op.CANCEL:
                 await self.runner.cancel(alert.id, f"cancelled by {who}")
             elif op is Op.APPROVE:
@@ -199,6 +208,21 @@ class ControlHandler:
                 "targets": outcome.targets,
             }
         return report
+
+    async def _add_history(self, report: dict[str, Any], run: Alert) -> None:
+        """`history`: the attempts (ebcd.journal.attempts) of every terminal without acknowledgement
+        or resent (none from a daemon without a journal); `history_error` if it cannot be read."""
+        journal = self._journal()
+        problems = {p["terminal"] for p in report["problems"]}
+        try:
+            await journal.flush()
+            rows = await journal.history(run.id)
+        except JournalError as e:
+            log.warning("control.history_unavailable", alert_id=run.id, error=str(e))
+            report["history"], report["history_error"] = {}, f"the journal cannot be read: {e}"
+            return
+        history = attempt_history(rows, ledger_link(self.district))
+        report["history"] = {code: h for code, h in history.items() if code in problems or h["resent"]}
 
     def _cause(self, *, alert_id: str, code: str, d: Delivery) -> str | None:
         """Why a delivery stands where it does; for one that waits, what holds the terminal now

@@ -6,13 +6,16 @@ fixture, one set per module); 万佛湖镇 has no simulator, so its terminals ne
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import pwd
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from ebcd.cli.commands import app
@@ -32,6 +35,7 @@ from tests.cli.test_commands import (
 __all__ = ["cli"]  # the module's daemon and simulators
 
 runner = CliRunner()
+ME = pwd.getpwuid(os.getuid()).pw_name  # who the daemon's control socket sees asking
 
 
 def piped(c: Cli, *args: str) -> subprocess.CompletedProcess[str]:
@@ -222,3 +226,106 @@ def test_watch_of_an_unknown_alert_exits_2_naming_it(cli: Cli) -> None:
     done = cli.run("alert", "watch", "20991231-9997")
     assert done.returncode == 2, _explain(done)
     assert "20991231-9997" in done.stderr
+
+
+# -- alert resend, and the attempt history in the report ---------------------------------------------
+def _answering_village(district: District) -> tuple[str, set[str]]:
+    village = next(iter(district.towns[TOWN_CODE].villages.values()))
+    return village.code, {t.code for t in village.terminals}
+
+
+@pytest.fixture(scope="module")
+def mixed(cli: Cli, district: District) -> tuple[str, set[str], set[str]]:
+    """A partial alert: one village of 桃溪镇 played it, one of 万佛湖镇 never answered."""
+    played, answered = _answering_village(district)
+    silent, _, nobody = _hopeless(district, 3)
+    done = cli.send(f"village:{played}", "--target", f"village:{silent}", "--wait", "--json", text="补发测试")
+    assert done.returncode == 3, _explain(done)
+    state = json.loads(done.stdout)
+    assert (state["state"], state["acked"]) == ("partial", len(answered)), state
+    return state["id"], answered, nobody
+
+
+def test_resend_goes_only_to_the_terminals_that_did_not_acknowledge(
+    cli: Cli, mixed: tuple[str, set[str], set[str]]
+) -> None:
+    alert_id, answered, nobody = mixed
+    done = cli.run("alert", "resend", alert_id, "--only", "uncertain", "--json")
+    assert done.returncode == 0, _explain(done)
+    answer = json.loads(done.stdout)
+    assert set(answer["resent"]) == nobody  # never a terminal that played it
+    assert not set(answer["resent"]) & answered
+    assert answer["state"]["state"] == "dispatching"
+    assert answer["state"]["acked"] == len(answered)
+    settled = cli.run("alert", "watch", alert_id, "--json")  # nobody answers the new attempt either
+    assert settled.returncode == 3, _explain(settled)
+    assert json.loads(settled.stdout)["state"] == "partial"
+
+
+def test_report_shows_each_resent_terminals_attempts_with_who_asked(
+    cli: Cli, mixed: tuple[str, set[str], set[str]], district: District
+) -> None:
+    alert_id, _, nobody = mixed
+    resent = cli.run("alert", "resend", alert_id)
+    assert resent.returncode == 0, _explain(resent)
+    assert f"{alert_id} resent to {len(nobody)} terminal(s)" in resent.stdout
+    assert cli.run("alert", "watch", alert_id).returncode == 3
+    report = cli.json("report", alert_id)
+    history = report["history"]
+    assert set(history) == nobody  # the terminals that played it have no history here
+    for code in nobody:
+        attempts = history[code]["attempts"]
+        assert history[code]["resent"] is True
+        assert len(attempts) >= 3  # 2 attempts, then at least one resend
+        assert [a["n"] for a in attempts] == list(range(1, len(attempts) + 1))
+        assert all(a["link"] == "mqtt" for a in attempts)
+        assert all(a["outcome"] == "uncertain" for a in attempts), attempts
+        assert all(a["at"] <= b["at"] for a, b in itertools.pairwise(attempts))
+        asked = [a["asked_by"] for a in attempts if a["asked_by"]]
+        assert asked, attempts  # this test's resend (and another test's, when it ran first)
+        assert set(asked) == {ME}, attempts
+    table = piped(cli, "report", alert_id)
+    assert table.returncode == 0, _explain(table)
+    assert max(cell_len(line) for line in table.stdout.splitlines()) > 80  # not cut for the pipe
+    for code in nobody:
+        rows = [line for line in table.stdout.splitlines() if code in line and "uncertain" in line]
+        assert len(rows) >= 3, table.stdout  # the problem row and one per attempt, the code whole
+        assert sum(row.rstrip(" │").endswith(ME) for row in rows) == len(asked), table.stdout
+
+
+def test_resend_of_a_cancelled_alert_exits_2_saying_it_ended(cli: Cli, district: District) -> None:
+    code, _, _ = _hopeless(district, 4)
+    sent = cli.send(f"village:{code}")
+    alert_id = sent.stdout.strip()
+    assert cli.run("alert", "cancel", alert_id).returncode == 0
+    done = cli.run("alert", "resend", alert_id)
+    assert done.returncode == 2, _explain(done)
+    assert "ended" in done.stderr
+    assert "cancelled" in done.stderr
+
+
+def test_resend_past_the_time_to_live_exits_2_saying_so(cli: Cli, district: District) -> None:
+    code, _, _ = _hopeless(district, 5)
+    sent = cli.send(f"village:{code}", "--ttl", "1")
+    alert_id = sent.stdout.strip()
+    settled = cli.run("alert", "watch", alert_id, "--json")
+    assert json.loads(settled.stdout)["state"] == "expired"
+    done = cli.run("alert", "resend", alert_id)
+    assert done.returncode == 2, _explain(done)
+    assert "time to live" in done.stderr
+
+
+def test_resend_of_a_completed_alert_exits_2_with_nothing_to_resend(cli: Cli) -> None:
+    sent = cli.send(f"town:{TOWN_AREA}", "--wait", "--json")
+    alert_id = json.loads(sent.stdout)["id"]
+    done = cli.run("alert", "resend", alert_id)
+    assert done.returncode == 2, _explain(done)
+    assert "nothing_to_resend" in done.stderr
+
+
+def test_resend_with_an_unknown_kind_exits_2_listing_the_kinds(cli: Cli) -> None:
+    done = cli.run("alert", "resend", "20261203-0001", "--only", "uncertain,lost")
+    assert done.returncode == 2, _explain(done)
+    assert "--only uncertain,lost" in done.stderr
+    for kind in ("uncertain", "failed", "refused"):
+        assert kind in done.stderr
