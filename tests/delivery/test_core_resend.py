@@ -6,6 +6,8 @@ simulation adds resends to its random workloads as well (`tests.delivery.sim`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ebcd.delivery.core import Refused
@@ -129,3 +131,18 @@ def test_resend_waits_for_a_terminal_another_alert_holds() -> None:
     assert d.state is DState.WAITING
     rig.report("T2", "B", AckStatus.DONE)
     assert plays(rig) == ["T2"]  # B is done: A's resend goes out
+
+
+def test_a_resend_journalled_but_not_sent_when_the_daemon_died_goes_out_after_the_restart() -> None:
+    rig = Rig()
+    partial(rig)
+    for code in ("T1", "T2"):  # what the runner journals before the core moves (Runner.resend)
+        r = rig.deliveries[("A", code)]
+        rig.deliveries[("A", code)] = replace(
+            r, state=DState.PENDING, cause=WHO, budget_base=r.attempts, retry=False
+        )
+    rig.alerts["A"] = replace(rig.alerts["A"], state=AState.DISPATCHING)
+    rig.restart()
+    sent = sorted(code for e in rig.out.effects if isinstance(e, Play) for code in e.terminals)
+    assert sent == ["T1", "T2"]  # and not T0, which played it
+    assert rig.core.alerts["A"].state is AState.DISPATCHING
