@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from ebcd.metrics import Metrics
 from ebcd.protocols.mqtt.codec import Topics
 from ebcd.protocols.mqtt.link import Ack, MqttLink, response_properties, response_target
 
+RECENT_REJECTIONS = 20  # refusals kept for `ebcd top` (each is also logged, counted and published)
 log = structlog.get_logger("ebcd.daemon")
 
 
@@ -71,6 +73,7 @@ class UpstreamIngest:
         self._arrivals: asyncio.Queue[_Arrival] = asyncio.Queue()
         self._judge: asyncio.Queue[_Journalled] = asyncio.Queue()
         self.idle = asyncio.Event()
+        self.recent_rejections: deque[dict[str, Any]] = deque(maxlen=RECENT_REJECTIONS)
         self.idle.set()
 
     def offer(
@@ -208,6 +211,7 @@ class UpstreamIngest:
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
         self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
+        self.recent_rejections.append({"at": time.time(), **doc})  # for the duty room's view
         self.respond(properties, {"status": "rejected", **doc})
         log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)
 

@@ -686,6 +686,14 @@ def terminals(
         print_terminals(rows)
 
 
+@app.command()
+def top(state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+    """The duty room, full screen and live: alerts, coverage per town, links down, refusals (q quits)."""
+    from ebcd.cli.top import run_top
+
+    raise typer.Exit(run_top(_client(state_dir, config)))
+
+
 # -- topology and frames -----------------------------------------------------------------------
 @topology_app.command("check")
 def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:

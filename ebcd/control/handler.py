@@ -2,7 +2,7 @@
 
 `control.serve` frames the requests and knows the peer; this module decides what each op does.
 send, cancel, approve, reject and resend are commands: journalled with who asked and refused outside the
-operator's scope. status, list, watch, report and terminals only read the delivery core's state.
+operator's scope. status, list, watch, report, terminals and top only read the delivery core's state.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import structlog
 from ebcd.admission.admission import Admission
 from ebcd.admission.authority import OperatorAuthority, Scope, as_room
 from ebcd.admission.schedule import TestOutcome
+from ebcd.control.duty import Links, Rejections, duty_doc
 from ebcd.control.progress import progress_doc
 from ebcd.control.requests import COMMANDS, RESEND_ONLY, Op, Request, parse
 from ebcd.control.socket import ControlError, Peer
@@ -33,6 +34,9 @@ from ebcd.tiers.rollup import Tally
 
 log = structlog.get_logger("ebcd.control")
 
+TOP_REFRESH_S = 1.0  # a `top` snapshot at least this often
+TOP_MIN_INTERVAL_S = 0.25  # and at most one per this, however fast alerts change
+
 
 class ControlHandler:
     """Answers control-socket requests from the engine's state, within each operator's scope."""
@@ -47,6 +51,8 @@ class ControlHandler:
         journal: Callable[[], Journal],
         stopping: asyncio.Event,
         test_outcomes: Mapping[str, TestOutcome],
+        links: Links | None = None,
+        rejections: Rejections | None = None,
     ) -> None:
         self.district = district
         self.runner = runner
@@ -55,6 +61,8 @@ class ControlHandler:
         self._journal = journal
         self.stopping = stopping
         self.test_outcomes = test_outcomes
+        self.links = links
+        self.rejections = rejections
 
     async def handle(self, req: dict[str, Any], peer: Peer) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         """Answer one request: a document, or an async iterator of them (watch)."""
@@ -69,6 +77,8 @@ class ControlHandler:
             return {"alerts": [a.state_doc(self.district, now) for a in self.runner.alerts.values()]}
         if op is Op.WATCH:
             return self.watch(self._alert(request.id))
+        if op is Op.TOP:
+            return self.top()
         if op is Op.REPORT:
             run = self._alert(request.id)
             report = self.report(run)
@@ -155,6 +165,27 @@ class ControlHandler:
                 doc = await q.get()
         finally:
             self.runner.unwatch(run.id, q)
+
+    async def top(self) -> AsyncIterator[dict[str, Any]]:
+        """The duty room now, again at each publication of alert states, and at least every
+        TOP_REFRESH_S (liveness and links change without one); until the client goes."""
+        changed = self.runner.watch_room()
+        try:
+            while True:
+                changed.clear()
+                yield {
+                    "room": duty_doc(
+                        self.runner.core, self.district, self.runner.clock(), links=self.links,
+                        rejections=self.rejections,
+                    ),
+                    "more": True,
+                }  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TOP_REFRESH_S):
+                        await changed.wait()
+                await asyncio.sleep(TOP_MIN_INTERVAL_S)  # at most a few snapshots a second
+        finally:
+            self.runner.unwatch_room(changed)
 
     def report(self, run: Alert) -> dict[str, Any]:
         """The alert's state, tallies per town and village, and every terminal that did not ack."""

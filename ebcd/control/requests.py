@@ -28,6 +28,7 @@ class Op(StrEnum):
     REPORT = "report"
     TERMINALS = "terminals"
     RESEND = "resend"
+    TOP = "top"  # the whole duty room, streamed (ebcd top)
 
 
 COMMANDS = frozenset({Op.SEND, Op.CANCEL, Op.APPROVE, Op.REJECT, Op.RESEND})  # journalled, in scope

@@ -30,6 +30,7 @@ from ebcd.admission.authority import DISTRICT_WIDE, OperatorAuthority, Scope, Up
 from ebcd.admission.routine import Scheduler
 from ebcd.admission.upstream import UpstreamIngest
 from ebcd.config import Config, parse_broker_url
+from ebcd.control.duty import links_doc
 from ebcd.control.handler import ControlHandler
 from ebcd.control.socket import SOCKET_NAME, serve
 from ebcd.daemon.health import JournalHealth
@@ -191,6 +192,8 @@ class Daemon:
             journal=lambda: self.journal,
             stopping=self.stopping,
             test_outcomes=self.scheduler.outcomes,
+            links=self._links,
+            rejections=lambda: list(self.ingest.recent_rejections),
         )
 
     @property
@@ -374,6 +377,17 @@ class Daemon:
             doc["reason"] = self.health.reason
         doc["at"] = time.time()
         return json.dumps(doc).encode()
+
+    def _links(self) -> list[dict[str, Any]]:
+        """The broker and every serial port, up or down, for the duty room's view."""
+        host, port, tls = self._broker_addr
+        items = [
+            ("mqtt broker", f"{'mqtts' if tls else 'mqtt'}://{host}:{port}", self.link.connected.is_set(), "")
+        ]
+        for room, master in self.serial_masters.items():
+            village = self.district.village(room)
+            items.append(("serial port", master.url, master.connected, village.name if village else room))
+        return links_doc(items)
 
     def _on_health(self, degraded: bool, reason: str | None) -> None:
         """The journal failed or recovered: say so on the status topic at once."""

@@ -93,6 +93,7 @@ class Runner:
         self._docs: set[str] = set()
         self._started: dict[str, float] = {}  # alert -> monotonic acceptance, for the latency histogram
         self._watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
+        self._room_watchers: list[asyncio.Event] = []  # set at each publication (ebcd top)
 
     @property
     def alerts(self) -> dict[str, Alert]:
@@ -392,6 +393,9 @@ class Runner:
 
     def _publish(self, alert_ids: set[str]) -> None:
         now = self.clock()
+        if alert_ids:
+            for event in self._room_watchers:
+                event.set()
         for alert_id in alert_ids:
             self._dirty.discard(alert_id)
             alert = self.core.alerts.get(alert_id)
@@ -418,6 +422,17 @@ class Runner:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
         self._watchers.setdefault(alert_id, []).append(q)
         return q
+
+    def watch_room(self) -> asyncio.Event:
+        """An event set whenever alert states are published (a whole-room view redraws then)."""
+        event = asyncio.Event()
+        self._room_watchers.append(event)
+        return event
+
+    def unwatch_room(self, event: asyncio.Event) -> None:
+        """Stop setting a whole-room watcher's event."""
+        if event in self._room_watchers:
+            self._room_watchers.remove(event)
 
     def unwatch(self, alert_id: str, q: asyncio.Queue[dict[str, Any]]) -> None:
         """Stop feeding a watcher."""
