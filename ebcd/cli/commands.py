@@ -605,10 +605,16 @@ def report(
     alert_id: str,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="per-village rows as CSV")] = False,
+    map_file: Annotated[
+        Path | None,
+        typer.Option("--map", help="also draw the district with each terminal's state (.svg/.png)"),
+    ] = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Coverage of an alert per town and village, and the terminals that failed and why."""
+    """Coverage of an alert per town and village, the terminals that failed and why, their attempts."""
+    if map_file is not None:
+        _check_map(map_file)
     answer = _ask_or_journal(_client(state_dir, config), "report", id=alert_id)
     if isinstance(answer, _Fallback):
         _, district = _load(config)
@@ -619,6 +625,32 @@ def report(
         answer = found
     answer.pop("ok", None)
     _print_report(answer, as_json=as_json, as_csv=as_csv)
+    if map_file is not None:
+        from ebcd.cli.map import ALERT_STATES, alert_states, alert_title
+
+        _, district = _load(config)
+        _draw(district, alert_states(district, answer), ALERT_STATES, alert_title(answer), map_file)
+
+
+def _check_map(path: Path) -> None:
+    from ebcd.cli.map import MapError, check_path
+
+    try:
+        check_path(path)
+    except MapError as e:
+        raise _fail(str(e)) from None
+
+
+def _draw(district: District, states: dict[str, str], palette: Any, title: str, path: Path) -> None:
+    """Draw a map; say on stderr where it went and what it shows."""
+    from ebcd.cli.map import MapError, draw
+
+    try:
+        counts = draw(district, states, palette, title, path)
+    except (MapError, OSError) as e:
+        raise _fail(f"--map {path}: {e}") from None
+    shown = ", ".join(f"{n} {palette[s][1]}" for s, n in counts.items() if n)
+    typer.echo(f"map {path}: {shown}", err=True)
 
 
 def _print_report(answer: dict[str, Any], *, as_json: bool, as_csv: bool) -> None:
@@ -657,6 +689,9 @@ def terminals(
     state: Annotated[str | None, typer.Option(help="unknown, online or offline")] = None,
     town: Annotated[str | None, typer.Option(help="a town's resource code or area code")] = None,
     as_json: JsonOpt = False,
+    map_file: Annotated[
+        Path | None, typer.Option("--map", help="also draw them on the district's map (.svg/.png)")
+    ] = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -680,10 +715,19 @@ def terminals(
         rows = [r for r in rows if r["state"] == state]
     if town_code is not None:
         rows = [r for r in rows if r["town"] == town_code]
+    if map_file is not None:
+        _check_map(map_file)
     if as_json:
         _print_json(rows)
     else:
         print_terminals(rows)
+    if map_file is not None:
+        from ebcd.cli.map import LIVENESS_STATES
+
+        _, district = _load(config)
+        counts = {s: sum(1 for r in rows if r["state"] == s) for s in LIVENESS_STATES}
+        title = "terminals: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+        _draw(district, {r["code"]: r["state"] for r in rows}, LIVENESS_STATES, title, map_file)
 
 
 @app.command()

@@ -228,6 +228,7 @@ class ControlHandler:
             "state": run.state_doc(self.district, self.runner.clock()),
             "towns": towns,
             "problems": problems,
+            "buckets": buckets,  # terminal -> how it counts, for the map
         }
         if run.refusals:  # every refusal heard, including refused forgeries and replays
             report["refusals"] = [{"terminal": t, "cause": c} for t, c in run.refusals[-200:]]

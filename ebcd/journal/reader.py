@@ -400,6 +400,7 @@ class JournalReader:
             "towns": town_rows(district, {c: d.bucket for c, d in deliveries.items()}),
             "problems": problems,
             "history": {c: h for c, h in history.items() if c in unacked or h["resent"]},
+            "buckets": {c: _tally_bucket(d.bucket) for c, d in deliveries.items()},
         }
         if refusals:
             report["refusals"] = [{"terminal": t, "cause": c} for t, c in refusals]

@@ -388,7 +388,7 @@ def test_report_has_the_towns_villages_and_the_town_rooms_own_row(
 ) -> None:
     report = reader.report(history.legacy.id)
     assert report is not None
-    assert set(report) == {"state", "towns", "problems", "history", "refusals", "source"}
+    assert set(report) == {"state", "towns", "problems", "history", "buckets", "refusals", "source"}
     assert report["source"] == "journal"
     assert report["state"]["id"] == history.legacy.id
     [town] = report["towns"]
