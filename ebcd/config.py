@@ -222,6 +222,15 @@ class SimulatorConfig(_Strict):
     terminal_keys_dir: str | None = None
 
 
+class DutyRoomConfig(_Strict):
+    """What `ebcd top` is shown (the control socket's `top` stream); the defaults need no section."""
+
+    recent_alerts: int = Field(default=8, ge=0, le=200)  # settled or ended alerts beside those in flight
+    recent_rejections: int = Field(default=20, ge=0, le=1000)  # refusals of upstream messages kept
+    refresh_s: float = Field(default=1.0, gt=0, le=60)  # a snapshot at least this often
+    min_interval_s: float = Field(default=0.25, ge=0.05, le=10)  # and at most one per this
+
+
 class Config(_Strict):
     """The whole `ebcd.toml`."""
 
@@ -239,6 +248,7 @@ class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     journal: JournalConfig = JournalConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    duty_room: DutyRoomConfig = DutyRoomConfig()
     base_dir: Path = Path()
 
 

@@ -28,7 +28,7 @@ from ebcd.metrics import Metrics
 from ebcd.protocols.mqtt.codec import Topics
 from ebcd.protocols.mqtt.link import Ack, MqttLink, response_properties, response_target
 
-RECENT_REJECTIONS = 20  # refusals kept for `ebcd top` (each is also logged, counted and published)
+RECENT_REJECTIONS = 20  # refusals kept for `ebcd top` ([duty_room] recent_rejections)
 log = structlog.get_logger("ebcd.daemon")
 
 
@@ -60,6 +60,7 @@ class UpstreamIngest:
         metrics: Metrics,
         journal: Callable[[], Journal],
         queue_size: int,
+        recent_rejections: int = RECENT_REJECTIONS,
     ) -> None:
         self.admission = admission
         self.upstream = upstream
@@ -73,7 +74,7 @@ class UpstreamIngest:
         self._arrivals: asyncio.Queue[_Arrival] = asyncio.Queue()
         self._judge: asyncio.Queue[_Journalled] = asyncio.Queue()
         self.idle = asyncio.Event()
-        self.recent_rejections: deque[dict[str, Any]] = deque(maxlen=RECENT_REJECTIONS)
+        self.recent_rejections: deque[dict[str, Any]] = deque(maxlen=recent_rejections)
         self.idle.set()
 
     def offer(

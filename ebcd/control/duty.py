@@ -14,7 +14,6 @@ from ebcd.delivery.liveness import Live
 from ebcd.delivery.state import AState
 from ebcd.tiers.district import District
 
-RECENT_ENDED = 8  # settled or ended alerts shown beside those in flight (newest first)
 IN_FLIGHT = frozenset({AState.PENDING_APPROVAL, AState.DISPATCHING})
 
 Links = Callable[[], list[dict[str, Any]]]  # [{"what", "where", "up", "detail"}]
@@ -22,9 +21,16 @@ Rejections = Callable[[], list[dict[str, Any]]]  # newest last: {"at", "reason",
 
 
 def duty_doc(
-    core: Core, district: District, now: float, *, links: Links | None, rejections: Rejections | None
+    core: Core,
+    district: District,
+    now: float,
+    *,
+    links: Links | None,
+    rejections: Rejections | None,
+    recent_alerts: int,
 ) -> dict[str, Any]:
-    """One snapshot of the duty room (`now`: the runner's monotonic clock)."""
+    """One snapshot of the duty room (`now`: the runner's monotonic clock): the alerts in flight
+    and the `recent_alerts` last settled or ended, newest first."""
     flying = [a for a in core.alerts.values() if a.state in IN_FLIGHT]
     ended = [a for a in core.alerts.values() if a.state not in IN_FLIGHT]
     ended.sort(key=lambda a: (a.accepted_at, a.order), reverse=True)
@@ -32,7 +38,7 @@ def duty_doc(
     return {
         "at": time.time(),
         "district": {"code": district.code, "name": district.name},
-        "alerts": [_alert(a, district, core, now) for a in flying + ended[:RECENT_ENDED]],
+        "alerts": [_alert(a, district, core, now) for a in flying + ended[:recent_alerts]],
         "alerts_held": len(core.alerts),
         "towns": towns_liveness(core, district, now),
         "links": links() if links is not None else [],

@@ -17,6 +17,7 @@ import structlog
 from ebcd.admission.admission import Admission
 from ebcd.admission.authority import OperatorAuthority, Scope, as_room
 from ebcd.admission.schedule import TestOutcome
+from ebcd.config import DutyRoomConfig
 from ebcd.control.duty import Links, Rejections, duty_doc
 from ebcd.control.progress import progress_doc
 from ebcd.control.requests import COMMANDS, RESEND_ONLY, Op, Request, parse
@@ -34,9 +35,6 @@ from ebcd.tiers.rollup import Tally
 
 log = structlog.get_logger("ebcd.control")
 
-TOP_REFRESH_S = 1.0  # a `top` snapshot at least this often
-TOP_MIN_INTERVAL_S = 0.25  # and at most one per this, however fast alerts change
-
 
 class ControlHandler:
     """Answers control-socket requests from the engine's state, within each operator's scope."""
@@ -53,6 +51,7 @@ class ControlHandler:
         test_outcomes: Mapping[str, TestOutcome],
         links: Links | None = None,
         rejections: Rejections | None = None,
+        duty_room: DutyRoomConfig | None = None,
     ) -> None:
         self.district = district
         self.runner = runner
@@ -63,6 +62,7 @@ class ControlHandler:
         self.test_outcomes = test_outcomes
         self.links = links
         self.rejections = rejections
+        self.duty_room = duty_room or DutyRoomConfig()
 
     async def handle(self, req: dict[str, Any], peer: Peer) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         """Answer one request: a document, or an async iterator of them (watch)."""
@@ -168,7 +168,8 @@ class ControlHandler:
 
     async def top(self) -> AsyncIterator[dict[str, Any]]:
         """The duty room now, again at each publication of alert states, and at least every
-        TOP_REFRESH_S (liveness and links change without one); until the client goes."""
+        `[duty_room] refresh_s` (liveness and links change without one); until the client goes."""
+        room = self.duty_room
         changed = self.runner.watch_room()
         try:
             while True:
@@ -176,14 +177,14 @@ class ControlHandler:
                 yield {
                     "room": duty_doc(
                         self.runner.core, self.district, self.runner.clock(), links=self.links,
-                        rejections=self.rejections,
+                        rejections=self.rejections, recent_alerts=room.recent_alerts,
                     ),
                     "more": True,
                 }  # fmt: skip
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(TOP_REFRESH_S):
+                    async with asyncio.timeout(room.refresh_s):
                         await changed.wait()
-                await asyncio.sleep(TOP_MIN_INTERVAL_S)  # at most a few snapshots a second
+                await asyncio.sleep(room.min_interval_s)  # at most a few snapshots a second
         finally:
             self.runner.unwatch_room(changed)
 

@@ -180,6 +180,7 @@ class Daemon:
             metrics=self.metrics,
             journal=lambda: self.journal,
             queue_size=config.mqtt.ingest_queue_size,
+            recent_rejections=config.duty_room.recent_rejections,
         )
         self.scheduler = Scheduler(
             config=config, runner=self.runner, admission=self.admission, metrics=self.metrics
@@ -194,6 +195,7 @@ class Daemon:
             test_outcomes=self.scheduler.outcomes,
             links=self._links,
             rejections=lambda: list(self.ingest.recent_rejections),
+            duty_room=config.duty_room,
         )
 
     @property
