@@ -116,12 +116,12 @@ def _header(room: dict[str, Any], view: View, width: int) -> Text:
             counts[k] += t[k]
     down = [link for link in room["links"] if not link["up"]]
     t = Text(no_wrap=True, overflow="ellipsis")
-    t.append(f"ebcd top  {room['district']['name']}  {time.strftime('%H:%M:%S')}  ", style="bold")
+    t.append(f"{room['district']['name']}  {time.strftime('%H:%M:%S')}  ", style="bold")
     t.append(f"{counts['online']} online ", style="green")
     t.append(f"{counts['offline']} offline ", style="red" if counts["offline"] else "")
     t.append(f"{counts['unknown']} unknown  ", style="yellow" if counts["unknown"] else "")
     t.append(f"{len(down)} link(s) down" if down else "links up", style="bold red" if down else "green")
-    t.append("   q quit  ↑↓ pick  ⏎ details  t terminals", style="dim")  # (cut on a narrow screen)
+    t.append("   ebcd top: q quit  ↑↓ pick  ⏎ details  t terminals", style="dim")  # (cut when narrow)
     if view.error:
         t.append(f"  {view.error}", style="bold red")
     return t

@@ -120,6 +120,14 @@ class Tmux:
             time.sleep(0.05)
 
 
+def _keep(name: str, screen: str) -> None:
+    """A screen as text in EBCD_ARTEFACTS (if set), for a person to look at."""
+    where = os.environ.get("EBCD_ARTEFACTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        (Path(where) / name).write_text(screen, encoding="utf-8")
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color"}
 
@@ -132,7 +140,7 @@ def top(room: Room, tmp_path: Path) -> Iterator[Tmux]:
     command = f"{top}; echo EBCD-TOP-EXITED $?; sleep 60"
     tmux("new-session", "-d", "-s", tmux.name, "-x", "80", "-y", "24", "-c", str(ROOT), command)
     try:
-        tmux.wait("the header of ebcd top", lambda s: "ebcd top" in s and "online" in s)
+        tmux.wait("the header of ebcd top", lambda s: " online " in s and " unknown " in s)
         yield tmux
     finally:
         subprocess.run(
@@ -158,6 +166,7 @@ def test_top_lists_the_terminals_of_the_fault_profile_that_never_came_online(roo
         assert "never" in line, line
     healthy = sorted(room.cli.simulated - set(room.offline))
     assert not any(code in screen for code in healthy)
+    _keep("top-terminals.txt", screen)
 
 
 def test_top_shows_an_alert_go_from_dispatching_to_completed(room: Room, top: Tmux) -> None:
@@ -180,6 +189,8 @@ def test_top_shows_an_alert_go_from_dispatching_to_completed(room: Room, top: Tm
     assert f"{len(targets)}/{len(targets)}" in line, line
     assert "100%" in line, line
     assert "桃溪镇" in done  # the coverage bar of its town
+    _keep("top-dispatching.txt", dispatching)
+    _keep("top-completed.txt", done)
 
 
 def test_enter_on_a_partial_alert_lists_its_terminals_without_acknowledgement(room: Room, top: Tmux) -> None:
@@ -198,5 +209,6 @@ def test_enter_on_a_partial_alert_lists_its_terminals_without_acknowledgement(ro
     for code in shown:
         [line] = [x for x in screen.splitlines() if code in x]
         assert "uncertain" in line, line
+    _keep("top-details.txt", screen)
     top("send-keys", "-t", top.name, "Escape")
     top.wait("back to the alerts", lambda s: room.offline[0] not in s and "桃溪镇" in s)
