@@ -207,27 +207,44 @@ def _line(text: str, style: str) -> Text:
 
 
 def _detail(chosen: dict[str, Any], report: dict[str, Any] | None, budget: int, width: int) -> RenderableType:
+    """The picked alert: each village without full acknowledgement, then its terminals that lack it."""
     s = chosen["state"]
     head = Text(
         f"{s['id']} {s['state']} {s.get('text') or ''}", style="bold", no_wrap=True, overflow="ellipsis"
     )
     if report is None:
         return Group(head, Text("loading the report …", style="dim"))
+    problems = report["problems"]
+    if not problems:
+        return Group(head, Text("every terminal acknowledged", style="green"))
     table = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold")
     table.add_column("village / terminal", no_wrap=True)
     table.add_column("name", no_wrap=True, overflow="ellipsis")
     table.add_column("acked", justify="right", no_wrap=True)
     table.add_column("state / cause", overflow="ellipsis", no_wrap=True, ratio=1)
-    rows = 0
+    by_room: dict[str | None, list[dict[str, Any]]] = {}
+    for p in problems:
+        by_room.setdefault(p.get("room"), []).append(p)
+    room_rows = max(0, budget - 3)
+    shown = 0
+
+    def terminal_row(p: dict[str, Any]) -> None:
+        nonlocal shown
+        if table.row_count < room_rows:
+            table.add_row("  " + p["terminal"], p["name"], "", f"{p['state']} {p.get('cause') or ''}")
+            shown += 1
+
     for town in report["towns"]:
         for v in town["villages"]:
-            if v["acked"] < v["targets"] and rows < budget - 3:
-                table.add_row(v["code"], v["name"], f"{v['acked']}/{v['targets']}", "")
-                rows += 1
-    problems = report["problems"]
-    for p in problems[: max(0, budget - 3 - rows)]:
-        table.add_row("  " + p["terminal"], p["name"], "", f"{p['state']} {p.get('cause') or ''}")
-    hidden = len(problems) - max(0, budget - 3 - rows)
+            if v["acked"] >= v["targets"] or table.row_count >= room_rows:
+                continue
+            table.add_row(v["code"], v["name"], f"{v['acked']}/{v['targets']}", "", style="bold")
+            for p in by_room.pop(v["code"], []):
+                terminal_row(p)
+    for rest in by_room.values():  # terminals of a room the report has no row for
+        for p in rest:
+            terminal_row(p)
+    hidden = len(problems) - shown
     more = (
         Text(f"… and {hidden} more terminal(s): ebcd report {s['id']}", style="dim")
         if hidden > 0

@@ -223,6 +223,7 @@ class ControlHandler:
                         "cause": self._cause(alert_id=run.id, code=code, d=d),
                         "attempts": d.attempts,
                         "liveness": live.state(code).value,
+                        "room": term.room if term else None,  # its village (or town) room
                     }
                 )
         report: dict[str, Any] = {

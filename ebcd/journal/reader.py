@@ -391,6 +391,7 @@ class JournalReader:
                     "cause": d.detail,
                     "attempts": d.attempts,
                     "liveness": "unknown",  # not journalled
+                    "room": term.room if term else None,
                 }
             )
         unacked = {p["terminal"] for p in problems}

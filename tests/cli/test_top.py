@@ -87,8 +87,10 @@ def room(
         _poll(env, f"the {len(expected)} terminals online", all_online, START_TIMEOUT_S)
         yield Room(env, offline, slow)
     finally:
-        _stop(env.sims, stacks_on_usr1=True)
-        _stop(env.daemon)
+        sims_rc = _stop(env.sims, stacks_on_usr1=True)
+        daemon_rc = _stop(env.daemon)
+    assert daemon_rc == 0, f"ebcd run exited {daemon_rc} on SIGTERM\n{env.logs()}"
+    assert sims_rc == 0, f"ebcd simulate exited {sims_rc} on SIGTERM\n{env.logs()}"
 
 
 @dataclass
@@ -197,7 +199,13 @@ def test_enter_on_a_partial_alert_lists_its_terminals_without_acknowledgement(ro
     sent = room.cli.send(f"town:{TOWN_AREA}", "--wait", "--json", text="含离线终端的测试")
     assert sent.returncode == 3, _explain(sent)  # the offline tenth never acknowledges
     alert_id = json.loads(sent.stdout)["id"]
-    top.wait(f"{alert_id} partial", lambda s: any(alert_id in x and "partial" in x for x in s.splitlines()))
+    reached = len(room.cli.simulated) - len(room.offline)  # once the slow ones' late acks are in
+    settled = f"{reached}/{len(room.cli.simulated)}"
+
+    def partial(screen: str) -> bool:
+        return any(alert_id in x and "partial" in x and settled in x for x in screen.splitlines())
+
+    top.wait(f"{alert_id} partial at {settled}", partial)
     top("send-keys", "-t", top.name, "Enter")
     screen = top.wait("the terminals without acknowledgement", lambda s: room.offline[0] in s)
     shown = [code for code in room.offline if code in screen]
