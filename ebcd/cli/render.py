@@ -98,19 +98,21 @@ def live_lines(state: dict[str, Any], progress: dict[str, Any]) -> list[str]:
 
 
 def live_view(state: dict[str, Any], progress: dict[str, Any]) -> RenderableType:
-    """The live view for a terminal: a bar with the counts, why the pending wait, a row per village."""
+    """The live view for a terminal (fits 80 columns): the alert with a bar, then the other counts
+    and why the pending wait, then a row per village it names."""
     grid = Table.grid(padding=(0, 1))
+    for _ in range(5):
+        grid.add_column(no_wrap=True)
     grid.add_row(
         Text(state["id"], style="bold"),
         Text(state["state"]),
         ProgressBar(total=max(1, state["targets"]), completed=state["acked"], width=30),
-        Text(_counts(state)),
+        Text(f"{state['acked']}/{state['targets']} acked"),
         Text(_elapsed(state)),
     )
-    parts: list[RenderableType] = [grid]
+    rest = f"{state['uncertain']} uncertain, {state['failed']} failed, {state['pending']} pending"
     why = pending_text(progress)
-    if why:
-        parts.append(Text(f"pending: {why}", style="yellow"))
+    parts: list[RenderableType] = [grid, Text(f"  {rest}: {why}" if why else f"  {rest}")]
     villages = progress.get("villages", [])
     if villages:
         rows = Table(box=None, padding=(0, 1), show_edge=False)
@@ -142,7 +144,7 @@ def _elapsed(state: dict[str, Any]) -> str:
 def coverage_table(state: dict[str, Any], names: dict[str, str] | None = None) -> Table:
     """Coverage per town."""
     table = Table(title=f"alert {state['id']}: {state['state']}, coverage {state['coverage']:.1%}")
-    table.add_column("town")
+    table.add_column("town", no_wrap=True, min_width=23)  # a code is never cut
     table.add_column("name")
     for col in ("targets", "acked", "uncertain", "failed", "coverage"):
         table.add_column(col, justify="right")
@@ -199,7 +201,9 @@ def print_report(report: dict[str, Any]) -> None:
     state = report["state"]
     table = Table(title=f"alert {state['id']}: {state['state']}, coverage {state['coverage']:.1%}")
     for col in ("town / village", "name", "targets", "acked", "uncertain", "failed", "coverage"):
-        table.add_column(col)
+        table.add_column(
+            col, no_wrap=col == "town / village", min_width=25 if col == "town / village" else None
+        )
     for town in report["towns"]:
         table.add_row(
             town["code"],
@@ -226,7 +230,7 @@ def print_report(report: dict[str, Any]) -> None:
     if report["problems"]:
         problems = Table(title=f"{len(report['problems'])} terminal(s) without acknowledgement")
         for col in ("terminal", "name", "state", "cause", "attempts", "liveness"):
-            problems.add_column(col)
+            problems.add_column(col, no_wrap=col == "terminal", min_width=23 if col == "terminal" else None)
         for p in report["problems"]:
             problems.add_row(
                 p["terminal"], p["name"], p["state"], p.get("cause") or "", str(p["attempts"]), p["liveness"]

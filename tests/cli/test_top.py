@@ -220,3 +220,34 @@ def test_enter_on_a_partial_alert_lists_its_terminals_without_acknowledgement(ro
     _keep("top-details.txt", screen)
     top("send-keys", "-t", top.name, "Escape")
     top.wait("back to the alerts", lambda s: room.offline[0] not in s and "桃溪镇" in s)
+
+
+def test_send_wait_in_a_terminal_redraws_one_live_view_with_the_pending_reason(
+    room: Room, tmp_path: Path
+) -> None:
+    tmux = Tmux(tmp_path / "tmux.sock", name="send")
+    c = room.cli
+    slow = room.slow[:5]
+    targets = " ".join(f"--target terminal:{code}" for code in slow)
+    send = (
+        f"{sys.executable} -m ebcd alert send --level 4 --event {TEST_EVENT} {targets} --text 慢速终端测试"
+        f" --test --wait --state-dir {c.state_dir} -c {c.config}"
+    )
+    tmux("new-session", "-d", "-s", tmux.name, "-x", "80", "-y", "24", "-c", str(ROOT),
+         f"{send}; echo EBCD-SEND-EXITED $?; sleep 60")  # fmt: skip
+    try:
+        waiting = tmux.wait(
+            "the pending reason", lambda s: f"pending: {len(slow)} awaiting acknowledgement" in s
+        )
+        assert f"0/{len(slow)} acked" in waiting, waiting
+        done = tmux.wait("the end of --wait", lambda s: "EBCD-SEND-EXITED" in s)
+        # they answer 3 s late, after the 1 s timeout and its retry: --wait ends at partial
+        assert "EBCD-SEND-EXITED 3" in done, done
+        assert done.count("awaiting acknowledgement") == 0, done  # redrawn in place, not appended
+        assert done.count(" acked 0:") == 1, done
+        assert f"{len(slow)} uncertain" in done, done
+        _keep("send-wait.txt", done)
+    finally:
+        subprocess.run(
+            [TMUX or "tmux", "-S", str(tmux.socket), "kill-server"], capture_output=True, check=False
+        )
