@@ -231,6 +231,13 @@ class DutyRoomConfig(_Strict):
     min_interval_s: float = Field(default=0.25, ge=0.05, le=10)  # and at most one per this
 
 
+class WebConfig(_Strict):
+    """The wall screen's read-only live page; off unless `listen` is set."""
+
+    listen: str | None = Field(default=None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):\d{1,5}$")
+    token_file: str | None = None  # first line: the token (0600, like the other secrets)
+
+
 class Config(_Strict):
     """The whole `ebcd.toml`."""
 
@@ -249,6 +256,7 @@ class Config(_Strict):
     journal: JournalConfig = JournalConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     duty_room: DutyRoomConfig = DutyRoomConfig()
+    web: WebConfig = WebConfig()
     base_dir: Path = Path()
 
 

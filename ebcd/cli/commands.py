@@ -164,6 +164,9 @@ def run(
         str | None, typer.Option(help="auto, 5 or 3.1.1 (over the config's mqtt.protocol)")
     ] = None,
     run_dir: RunDirOpt = None,
+    web_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the wall screen's page (over the config's [web] listen)")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     import structlog
@@ -179,6 +182,8 @@ def run(
         if mqtt_protocol not in ("auto", "5", "3.1.1"):
             raise typer.BadParameter("expected auto, 5 or 3.1.1", param_hint="--mqtt-protocol")
         cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"protocol": mqtt_protocol})})
+    if web_listen is not None:
+        cfg = cfg.model_copy(update={"web": cfg.web.model_copy(update={"listen": web_listen})})
     raise typer.Exit(
         run_daemon(
             cfg,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ebcd.tiers.district import District
+from ebcd.tiers.hull import convex_hull
 
 SUFFIXES = (".svg", ".png")
 # state -> (colour, legend label); colour-blind safe (Okabe-Ito), offline dark so it stands out
@@ -93,7 +94,7 @@ def draw(
         for town in district.towns.values():
             points = [(t.lon, t.lat) for t in town.terminals()]
             if len(points) >= 3:
-                hull = _hull(points)
+                hull = convex_hull(points)
                 xs, ys = zip(*[*hull, hull[0]], strict=True)
                 ax.fill(xs, ys, color="#F2F2F2", zorder=0)
                 ax.plot(xs, ys, color="#555555", linewidth=1.2, zorder=1)
@@ -154,25 +155,3 @@ def _cos_deg(deg: float) -> float:
     import math
 
     return max(0.1, math.cos(math.radians(deg)))
-
-
-def _hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The convex hull, counter-clockwise (Andrew's monotone chain)."""
-    pts = sorted(set(points))
-    if len(pts) < 3:
-        return list(pts)
-
-    def cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    lower: list[tuple[float, float]] = []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    upper: list[tuple[float, float]] = []
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return lower[:-1] + upper[:-1]

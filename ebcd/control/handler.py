@@ -188,6 +188,29 @@ class ControlHandler:
         finally:
             self.runner.unwatch_room(changed)
 
+    def web_doc(self, alert_id: str | None) -> dict[str, Any]:
+        """The wall screen's snapshot: the room, every terminal's liveness, and the picked alert's
+        state per terminal (`alert_id`, else the newest in flight, else the newest)."""
+        room = self.duty_room
+        doc = duty_doc(
+            self.runner.core, self.district, self.runner.clock(), links=self.links,
+            rejections=self.rejections, recent_alerts=room.recent_alerts,
+        )  # fmt: skip
+        alert = self.runner.alerts.get(alert_id) if alert_id else None
+        if alert is None and doc["alerts"]:
+            alert = self.runner.alerts.get(doc["alerts"][0]["state"]["id"])
+        live = self.runner.core.liveness
+        selected = None
+        if alert is not None:
+            state = alert.state_doc(self.district, self.runner.clock())
+            selected = {k: state[k] for k in ("id", "state", "coverage", "towns", "acked", "targets")}
+            selected["buckets"] = alert.buckets()
+        return {
+            "room": doc,
+            "liveness": {t.code: live.state(t.code).value for t in self.district.terminals()},
+            "selected": selected,
+        }
+
     def report(self, run: Alert) -> dict[str, Any]:
         """The alert's state, tallies per town and village, and every terminal that did not ack."""
         buckets = run.buckets()

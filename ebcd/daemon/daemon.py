@@ -56,6 +56,7 @@ from ebcd.security.bench import BENCH, signer_from
 from ebcd.security.mqtt_auth import read_secret, tls_context
 from ebcd.security.reports import report_verifier_from
 from ebcd.tiers.district import District
+from ebcd.web.server import WebServer, ledger_doc, parse_listen
 
 log = structlog.get_logger("ebcd.daemon")
 
@@ -92,6 +93,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.bound_metrics_port: int | None = None
+        self.bound_web_port: int | None = None  # [web] listen, once bound
         self._journal: Journal | None = None
         self.health = JournalHealth(lambda: self.journal.stats, self.metrics, on_change=self._on_health)
         host, port, tls = parse_broker_url(self.broker)
@@ -255,6 +257,10 @@ class Daemon:
             max_connections=dc.control_max_connections,
             metrics=self.metrics,
         )
+        web = self._web_server()
+        if web is not None:
+            await web.start()
+            self.bound_web_port = web.bound_port
         http = None
         if self.metrics_port >= 0:
             http, _ = start_http_server(
@@ -303,6 +309,8 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             server.close()
+            if web is not None:
+                web.close()
             if http is not None:
                 http.shutdown()
             await self._journal.close()
@@ -379,6 +387,20 @@ class Daemon:
             doc["reason"] = self.health.reason
         doc["at"] = time.time()
         return json.dumps(doc).encode()
+
+    def _web_server(self) -> WebServer | None:
+        """The wall screen's page, if `[web] listen` is set (ValueError beyond localhost without a token)."""
+        web = self.config.web
+        if web.listen is None:
+            return None
+        host, port = parse_listen(web.listen)
+        token = read_secret(web.token_file, base=self.config.base_dir, key="[web] token_file")
+        dr = self.config.duty_room
+        return WebServer(
+            host, port, token=token, ledger=ledger_doc(self.district), snapshot=self.control.web_doc,
+            watch=self.runner.watch_room, unwatch=self.runner.unwatch_room, metrics=self.metrics,
+            refresh_s=dr.refresh_s, min_interval_s=dr.min_interval_s,
+        )  # fmt: skip
 
     def _links(self) -> list[dict[str, Any]]:
         """The broker and every serial port, up or down, for the duty room's view."""
