@@ -30,7 +30,7 @@ async function drawLedger() {
   const lons = ledger.terminals.map(t => t.lon), lats = ledger.terminals.map(t => t.lat);
   const [x0, x1, y0, y1] = [Math.min(...lons), Math.max(...lons), Math.min(...lats), Math.max(...lats)];
   const k = Math.cos(((y0 + y1) / 2) * Math.PI / 180);
-  const scale = 940 / Math.max((x1 - x0) * k, y1 - y0);
+  const scale = 880 / Math.max((x1 - x0) * k, y1 - y0);  // room above for the top town's name
   const svg = document.getElementById("map");
   const ns = "http://www.w3.org/2000/svg";
   for (const town of ledger.towns) {
