@@ -199,6 +199,7 @@ class Daemon:
             rejections=lambda: list(self.ingest.recent_rejections),
             duty_room=config.duty_room,
         )
+        self.web = self._web_server()  # ValueError: beyond localhost without a token
 
     @property
     def journal(self) -> Journal:
@@ -257,9 +258,15 @@ class Daemon:
             max_connections=dc.control_max_connections,
             metrics=self.metrics,
         )
-        web = self._web_server()
+        web = self.web
         if web is not None:
-            await web.start()
+            try:
+                await web.start()
+            except OSError as e:
+                log.error("web.bind_failed", listen=self.config.web.listen, error=str(e))
+                server.close()
+                await self._journal.close()
+                raise
             self.bound_web_port = web.bound_port
         http = None
         if self.metrics_port >= 0:
