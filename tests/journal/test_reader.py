@@ -427,6 +427,7 @@ def test_report_problems_are_the_terminals_without_acknowledgement(
         "cause": "busy",
         "attempts": 1,
         "liveness": "unknown",
+        "room": terminals[0].room,
     }
     assert (problems[2]["state"], problems[2]["cause"], problems[2]["attempts"]) == (
         "uncertain",
