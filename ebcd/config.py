@@ -322,6 +322,22 @@ class SimulatorConfig(_Strict):
     terminal_keys_dir: str | None = None
 
 
+class DutyRoomConfig(_Strict):
+    """What `ebcd top` is shown (the control socket's `top` stream); the defaults need no section."""
+
+    recent_alerts: int = Field(default=8, ge=0, le=200)  # settled or ended alerts beside those in flight
+    recent_rejections: int = Field(default=20, ge=0, le=1000)  # refusals of upstream messages kept
+    refresh_s: float = Field(default=1.0, gt=0, le=60)  # a snapshot at least this often
+    min_interval_s: float = Field(default=0.25, ge=0.05, le=10)  # and at most one per this
+
+
+class WebConfig(_Strict):
+    """The wall screen's read-only live page; off unless `listen` is set."""
+
+    listen: str | None = Field(default=None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):\d{1,5}$")
+    token_file: str | None = None  # first line: the token (0600, like the other secrets)
+
+
 class Config(_Strict):
     """The whole `ebcd.toml`."""
 
@@ -342,6 +358,8 @@ class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     journal: JournalConfig = JournalConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    duty_room: DutyRoomConfig = DutyRoomConfig()
+    web: WebConfig = WebConfig()
     base_dir: Path = Path()
 
 

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ from ebcd.model.alert import AlertRequest
 from ebcd.protocols.mqtt.codec import Topics
 from ebcd.protocols.mqtt.link import Ack, MqttLink, response_properties, response_target
 
+RECENT_REJECTIONS = 20  # refusals kept for `ebcd top` ([duty_room] recent_rejections)
 log = structlog.get_logger("ebcd.daemon")
 UPDATE_ENDS = "update-ends"  # what an expired Update did when it ended the alert it references
 
@@ -65,6 +67,7 @@ class UpstreamIngest:
         metrics: Metrics,
         journal: Callable[[], Journal],
         queue_size: int,
+        recent_rejections: int = RECENT_REJECTIONS,
     ) -> None:
         self.admission = admission
         self.upstream = upstream
@@ -78,6 +81,7 @@ class UpstreamIngest:
         self._arrivals: asyncio.Queue[_Arrival] = asyncio.Queue()
         self._judge: asyncio.Queue[_Journalled] = asyncio.Queue()
         self.idle = asyncio.Event()
+        self.recent_rejections: deque[dict[str, Any]] = deque(maxlen=recent_rejections)
         self.idle.set()
 
     def offer(
@@ -275,6 +279,7 @@ class UpstreamIngest:
         if envelope is not None:
             doc["envelope"] = envelope
         self.link.enqueue(self.topics.rejected, json.dumps(doc, ensure_ascii=False).encode())
+        self.recent_rejections.append({"at": time.time(), **doc})  # for the duty room's view
         self.respond(properties, {"status": "rejected", **doc})
         log.warning("ingest.rejected", reason=err.reason.value, detail=err.detail, identifier=err.identifier)
 

@@ -190,6 +190,9 @@ def run(
         str | None, typer.Option(help="auto, 5 or 3.1.1 (over the config's mqtt.protocol)")
     ] = None,
     run_dir: RunDirOpt = None,
+    web_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the wall screen's page (over the config's [web] listen)")
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     import structlog
@@ -206,6 +209,8 @@ def run(
         if mqtt_protocol not in ("auto", "5", "3.1.1"):
             raise typer.BadParameter("expected auto, 5 or 3.1.1", param_hint="--mqtt-protocol")
         cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"protocol": mqtt_protocol})})
+    if web_listen is not None:
+        cfg = cfg.model_copy(update={"web": cfg.web.model_copy(update={"listen": web_listen})})
     raise typer.Exit(
         run_daemon(
             cfg,
@@ -383,10 +388,12 @@ def alert_send(
 ) -> None:
     """Send an alert; print its id (with --wait, follow it and print the coverage)."""
     from ebcd.cli.render import follow
-    from ebcd.model.alert import AlertRequest, parse_target
+    from ebcd.model.alert import AlertRequest
 
     try:
-        targets = [parse_target(t) for t in target]
+        targets = [_target_option(t) for t in target]
+        if volume is not None and not _volume_ok(volume):
+            raise ValueError(f"--volume {volume}: expected 0 (mute), 1-100 (%) or 255 (leave it as it is)")
         req: dict[str, Any] = {
             "level": level,
             "event_type": event,
@@ -418,14 +425,95 @@ def alert_send(
     raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
 
 
+@alert_app.command("watch")
+def alert_watch(
+    alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
+) -> None:
+    """Follow any alert live to its final state (exit 0 completed, 3 partial or ended otherwise)."""
+    from ebcd.cli.render import follow, print_state
+
+    client = _client(state_dir, config)
+    answer = _ask_or_journal(client, "status", id=alert_id)
+    if isinstance(answer, _Fallback):  # nothing to follow: the daemon is down or no longer holds it
+        with _open_journal(state_dir, config, answer, _district_or_none(config)) as reader:
+            final = reader.alert_state(alert_id)
+            if final is None:
+                raise _not_in_journal(alert_id, reader.path)
+        if as_json:
+            _print_json(final)
+        else:
+            print_state(final)
+    else:
+        final = follow(client, alert_id, answer["state"], quiet=as_json)
+        if as_json:
+            _print_json(final)
+    raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
+
+
+# The option of `alert send` behind each field of the alert request, for error messages.
+_SEND_OPTIONS = {
+    "level": "--level",
+    "event_type": "--event",
+    "targets": "--target",
+    "text": "--text",
+    "test": "--test",
+    "ttl_s": "--ttl",
+    "volume": "--volume",
+    "origin": "--origin",
+    "origin_room": "--origin",
+}
+EBRID_DIGITS = 23  # a resource code
+AREA_DIGITS = 12  # an administrative area code
+
+
 def _one_line(e: Exception) -> str:
+    """A validation error as one line naming the option at fault (`--ttl`), not the field."""
     from pydantic import ValidationError
 
     if isinstance(e, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or 'alert'}: {err['msg']}" for err in e.errors()
-        )
+        parts = []
+        for err in e.errors():
+            loc = [str(x) for x in err["loc"]]
+            where = _SEND_OPTIONS.get(loc[0], ".".join(loc)) if loc else "alert"
+            if loc and loc[0] == "targets" and len(loc) > 1:
+                where = f"--target #{int(loc[1]) + 1}" if loc[1].isdigit() else where
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+        return "; ".join(parts)
     return str(e)
+
+
+def _volume_ok(volume: int) -> bool:
+    """The volume byte of the field: 0 mute, 1-100 %, 255 unchanged (DOMAIN.md)."""
+    return volume in (0, 0xFF) or 1 <= volume <= 100
+
+
+def _target_option(text: str) -> Any:
+    """One `--target`, parsed, with a code of the wrong length refused saying the length it needs."""
+    from ebcd.model.alert import parse_target
+
+    try:
+        target = parse_target(text)
+    except ValueError as e:
+        why = _one_line(e).removeprefix(f"target {text.strip()!r}: ").removeprefix("alert: ")
+        raise ValueError(f"--target {text}: {why}") from None
+    code = target.code
+    if code is None:
+        return target
+    if not code.isdigit():
+        raise ValueError(f"--target {text}: a code is digits only, got {code!r}")
+    if target.kind == "terminal":
+        if len(code) != EBRID_DIGITS:
+            raise ValueError(
+                f"--target {text}: a terminal code is a {EBRID_DIGITS}-digit resource code, "
+                f"got {len(code)} digits"
+            )
+    elif len(code) not in (EBRID_DIGITS, AREA_DIGITS):
+        raise ValueError(
+            f"--target {text}: a {target.kind} code is a {EBRID_DIGITS}-digit resource code "
+            f"or a {AREA_DIGITS}-digit area code, got {len(code)} digits"
+        )
+    return target
 
 
 @alert_app.command("status")
@@ -554,6 +642,47 @@ def alert_cancel(
         typer.echo(f"{alert_id} {state['state']}")
 
 
+@alert_app.command("resend")
+def alert_resend(
+    alert_id: str,
+    only: Annotated[
+        str | None,
+        typer.Option(help="which terminals: uncertain, failed, refused (comma separated; default all three)"),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")] = False,
+    as_json: JsonOpt = False,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A new attempt of the same revision to the terminals that did not acknowledge (never to one
+    that played it); refused for an alert past its time to live or cancelled."""
+    from ebcd.cli.render import follow
+    from ebcd.control.requests import RESEND_ONLY
+
+    kinds: list[str] = list(RESEND_ONLY)
+    if only is not None:
+        kinds = [k.strip() for k in only.split(",") if k.strip()]
+        wrong = [k for k in kinds if k not in RESEND_ONLY]
+        if wrong or not kinds:
+            raise _fail(f"--only {only}: expected some of {', '.join(RESEND_ONLY)}, comma separated")
+    client = _client(state_dir, config)
+    answer = _ask(client, "resend", id=alert_id, only=kinds)
+    state, resent = answer["state"], answer["resent"]
+    if not wait:
+        if as_json:
+            _print_json({"state": state, "resent": resent})
+        else:
+            typer.echo(
+                f"{alert_id} resent to {len(resent)} terminal(s) ({', '.join(kinds)}): {state['state']}"
+            )
+        raise typer.Exit(EXIT_OK)
+    typer.echo(f"{alert_id} resent to {len(resent)} terminal(s) ({', '.join(kinds)})", err=True)
+    final = follow(client, alert_id, state, quiet=as_json)
+    if as_json:
+        _print_json({"state": final, "resent": resent})
+    raise typer.Exit(EXIT_OK if final["state"] == "completed" else EXIT_PARTIAL)
+
+
 @alert_app.command("approve")
 def alert_approve(
     alert_id: str, as_json: JsonOpt = False, state_dir: StateDirOpt = None, config: ConfigOpt = None
@@ -583,10 +712,16 @@ def report(
     alert_id: str,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="per-village rows as CSV")] = False,
+    map_file: Annotated[
+        Path | None,
+        typer.Option("--map", help="also draw the district with each terminal's state (.svg/.png)"),
+    ] = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Coverage of an alert per town and village, and the terminals that failed and why."""
+    """Coverage of an alert per town and village, the terminals that failed and why, their attempts."""
+    if map_file is not None:
+        _check_map(map_file)
     answer = _ask_or_journal(_client(state_dir, config), "report", id=alert_id)
     if isinstance(answer, _Fallback):
         _, district = _load(config)
@@ -597,6 +732,32 @@ def report(
         answer = found
     answer.pop("ok", None)
     _print_report(answer, as_json=as_json, as_csv=as_csv)
+    if map_file is not None:
+        from ebcd.cli.map import ALERT_STATES, alert_states, alert_title
+
+        _, district = _load(config)
+        _draw(district, alert_states(district, answer), ALERT_STATES, alert_title(answer), map_file)
+
+
+def _check_map(path: Path) -> None:
+    from ebcd.cli.map import MapError, check_path
+
+    try:
+        check_path(path)
+    except MapError as e:
+        raise _fail(str(e)) from None
+
+
+def _draw(district: District, states: dict[str, str], palette: Any, title: str, path: Path) -> None:
+    """Draw a map; say on stderr where it went and what it shows."""
+    from ebcd.cli.map import MapError, draw
+
+    try:
+        counts = draw(district, states, palette, title, path)
+    except (MapError, OSError) as e:
+        raise _fail(f"--map {path}: {e}") from None
+    shown = ", ".join(f"{n} {palette[s][1]}" for s, n in counts.items() if n)
+    typer.echo(f"map {path}: {shown}", err=True)
 
 
 def _print_report(answer: dict[str, Any], *, as_json: bool, as_csv: bool) -> None:
@@ -635,21 +796,53 @@ def terminals(
     state: Annotated[str | None, typer.Option(help="unknown, online or offline")] = None,
     town: Annotated[str | None, typer.Option(help="a town's resource code or area code")] = None,
     as_json: JsonOpt = False,
+    map_file: Annotated[
+        Path | None, typer.Option("--map", help="also draw them on the district's map (.svg/.png)")
+    ] = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Terminals with their liveness state."""
+    """Terminals with their liveness state and when they were last heard."""
     from ebcd.cli.render import print_terminals
+    from ebcd.delivery.liveness import Live
 
+    states = [s.value for s in Live]
+    if state is not None and state not in states:
+        raise _fail(f"--state {state}: not a terminal state; expected one of {', '.join(states)}")
+    town_code = None
+    if town is not None:
+        _, district = _load(config)
+        found = district.town(town)
+        if found is None:
+            valid = ", ".join(f"{t.code} / {t.area} ({t.name})" for t in district.towns.values())
+            raise _fail(f"--town {town}: no such town; expected a resource or area code of {valid}")
+        town_code = found.code
     rows = _ask(_client(state_dir, config), "terminals")["terminals"]
     if state:
         rows = [r for r in rows if r["state"] == state]
-    if town:
-        rows = [r for r in rows if r["town"] == town or r["town"][1:13] == town]
+    if town_code is not None:
+        rows = [r for r in rows if r["town"] == town_code]
+    if map_file is not None:
+        _check_map(map_file)
     if as_json:
         _print_json(rows)
     else:
         print_terminals(rows)
+    if map_file is not None:
+        from ebcd.cli.map import LIVENESS_STATES
+
+        _, district = _load(config)
+        counts = {s: sum(1 for r in rows if r["state"] == s) for s in LIVENESS_STATES}
+        title = "terminals: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+        _draw(district, {r["code"]: r["state"] for r in rows}, LIVENESS_STATES, title, map_file)
+
+
+@app.command()
+def top(state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
+    """The duty room, full screen and live: alerts, coverage per town, links down, refusals (q quits)."""
+    from ebcd.cli.top import run_top
+
+    raise typer.Exit(run_top(_client(state_dir, config)))
 
 
 # -- topology and frames -----------------------------------------------------------------------

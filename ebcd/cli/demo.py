@@ -60,6 +60,7 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
         console.print(f"embedded MQTT broker (amqtt) on {broker}")
     procs: list[subprocess.Popen[bytes]] = []
     run_dir = (work / "serial").absolute()  # this demo's buses: never another run's
+    web = f"127.0.0.1:{free_port()}"  # the wall screen's page, on for the demo
     try:
         base = [sys.executable, "-m", "ebcd"]
         procs.append(
@@ -77,6 +78,8 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
                     "0",
                     "--run-dir",
                     str(run_dir),
+                    "--web-listen",
+                    web,
                     # amqtt speaks MQTT 3.1.1 only; an external broker gets the config's choice
                     *(["--mqtt-protocol", "3.1.1"] if embedded is not None else []),
                 ],
@@ -106,6 +109,7 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
             )
         )
         online = await _wait_online(client, terminals, procs)
+        console.print(f"the duty room's wall screen: http://{web}/ (ebcd top --state-dir {work})")
         console.print(f"{online} of {terminals} terminals online; sending a district-wide test alert")
         answer = await client.request(
             "send",

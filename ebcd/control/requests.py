@@ -7,7 +7,7 @@ these or a `ControlError("bad_request", ...)` naming the field at fault.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,14 +27,19 @@ class Op(StrEnum):
     WATCH = "watch"
     REPORT = "report"
     TERMINALS = "terminals"
+    RESEND = "resend"
+    TOP = "top"  # the whole duty room, streamed (ebcd top)
 
 
-COMMANDS = frozenset({Op.SEND, Op.CANCEL, Op.APPROVE, Op.REJECT})  # journalled, within the asker's scope
-ON_AN_ALERT = frozenset({Op.CANCEL, Op.APPROVE, Op.REJECT, Op.STATUS, Op.WATCH, Op.REPORT})
+COMMANDS = frozenset({Op.SEND, Op.CANCEL, Op.APPROVE, Op.REJECT, Op.RESEND})  # journalled, in scope
+ON_AN_ALERT = frozenset({Op.CANCEL, Op.APPROVE, Op.REJECT, Op.STATUS, Op.WATCH, Op.REPORT, Op.RESEND})
+ResendKind = Literal["uncertain", "failed", "refused"]  # what a resend may pick (ebcd.delivery.core)
+RESEND_ONLY: tuple[ResendKind, ...] = ("uncertain", "failed", "refused")
 
 
 class Request(BaseModel):
-    """One request: its op, the alert it is about (`id`), or the alert to send (`alert`)."""
+    """One request: its op, the alert it is about (`id`), the alert to send (`alert`), or which
+    terminals a resend picks (`only`, every kind when not given)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -42,6 +47,7 @@ class Request(BaseModel):
     id: str | None = Field(default=None, max_length=64, pattern=f"^{ALERT_ID_RE.pattern}$")
     alert: dict[str, Any] | None = None  # an AlertRequest as JSON: validated by the send itself
     token: str | None = Field(default=None, max_length=4096)  # an operator's credential, never journalled
+    only: list[ResendKind] | None = Field(default=None, min_length=1, max_length=3)
 
     def detail(self) -> dict[str, Any]:
         """What the audit journal keeps of the request: everything but the op and the token."""

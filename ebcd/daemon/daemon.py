@@ -30,6 +30,7 @@ from ebcd.admission.authority import DISTRICT_WIDE, OperatorAuthority, Scope, Up
 from ebcd.admission.routine import Scheduler
 from ebcd.admission.upstream import UpstreamIngest
 from ebcd.config import Config, parse_broker_url
+from ebcd.control.duty import links_doc
 from ebcd.control.handler import ControlHandler
 from ebcd.control.socket import SOCKET_NAME, serve
 from ebcd.daemon.health import JournalHealth
@@ -61,6 +62,7 @@ from ebcd.security.bench import BENCH, signer_from
 from ebcd.security.mqtt_auth import read_secret, tls_context
 from ebcd.security.reports import report_verifier_from
 from ebcd.tiers.district import District
+from ebcd.web.server import WebServer, ledger_doc, parse_listen
 
 log = structlog.get_logger("ebcd.daemon")
 
@@ -97,6 +99,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.bound_metrics_port: int | None = None
+        self.bound_web_port: int | None = None  # [web] listen, once bound
         self._journal: Journal | None = None
         self.health = JournalHealth(lambda: self.journal.stats, self.metrics, on_change=self._on_health)
         host, port, tls = parse_broker_url(self.broker)
@@ -199,6 +202,7 @@ class Daemon:
             metrics=self.metrics,
             journal=lambda: self.journal,
             queue_size=config.mqtt.ingest_queue_size,
+            recent_rejections=config.duty_room.recent_rejections,
         )
         self.scheduler = Scheduler(
             config=config, runner=self.runner, admission=self.admission, metrics=self.metrics
@@ -226,7 +230,11 @@ class Daemon:
             journal=lambda: self.journal,
             stopping=self.stopping,
             test_outcomes=self.scheduler.outcomes,
+            links=self._links,
+            rejections=lambda: list(self.ingest.recent_rejections),
+            duty_room=config.duty_room,
         )
+        self.web = self._web_server()  # ValueError: beyond localhost without a token
 
     @property
     def journal(self) -> Journal:
@@ -349,6 +357,16 @@ class Daemon:
             max_connections=dc.control_max_connections,
             metrics=self.metrics,
         )
+        web = self.web
+        if web is not None:
+            try:
+                await web.start()
+            except OSError as e:
+                log.error("web.bind_failed", listen=self.config.web.listen, error=str(e))
+                server.close()
+                await self._journal.close()
+                raise
+            self.bound_web_port = web.bound_port
         http = None
         if self.metrics_port >= 0:
             http, _ = start_http_server(
@@ -408,6 +426,8 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             server.close()
+            if web is not None:
+                web.close()
             if http is not None:
                 http.shutdown()
             if self.ebd_server is not None:
@@ -489,6 +509,31 @@ class Daemon:
             doc["reason"] = self.health.reason
         doc["at"] = time.time()
         return json.dumps(doc).encode()
+
+    def _web_server(self) -> WebServer | None:
+        """The wall screen's page, if `[web] listen` is set (ValueError beyond localhost without a token)."""
+        web = self.config.web
+        if web.listen is None:
+            return None
+        host, port = parse_listen(web.listen)
+        token = read_secret(web.token_file, base=self.config.base_dir, key="[web] token_file")
+        dr = self.config.duty_room
+        return WebServer(
+            host, port, token=token, ledger=ledger_doc(self.district), snapshot=self.control.web_doc,
+            watch=self.runner.watch_room, unwatch=self.runner.unwatch_room, metrics=self.metrics,
+            refresh_s=dr.refresh_s, min_interval_s=dr.min_interval_s,
+        )  # fmt: skip
+
+    def _links(self) -> list[dict[str, Any]]:
+        """The broker and every serial port, up or down, for the duty room's view."""
+        host, port, tls = self._broker_addr
+        items = [
+            ("mqtt broker", f"{'mqtts' if tls else 'mqtt'}://{host}:{port}", self.link.connected.is_set(), "")
+        ]
+        for room, master in self.serial_masters.items():
+            village = self.district.village(room)
+            items.append(("serial port", master.url, master.connected, village.name if village else room))
+        return links_doc(items)
 
     def _on_health(self, degraded: bool, reason: str | None) -> None:
         """The journal failed or recovered: say so on the status topic at once."""

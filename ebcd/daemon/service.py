@@ -55,6 +55,9 @@ def run_daemon(
     except SecurityError as e:
         log.error("daemon.signing_key", error=str(e))
         return 1
+    except ValueError as e:  # [web]: listen beyond localhost without token_file
+        log.error("daemon.web", error=str(e))
+        return 1
     try:
         asyncio.run(_serve(daemon))
     except Exception:

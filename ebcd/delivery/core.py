@@ -47,6 +47,12 @@ _PROGRESS = {
     AckStatus.PLAYING: Progress.PLAYING,
     AckStatus.DONE: Progress.DONE,
 }
+# What `ebcd alert resend --only` names: the states a resend re-opens (never one acknowledged)
+RESEND_KINDS: dict[str, frozenset[DState]] = {
+    "uncertain": frozenset({DState.UNCERTAIN}),
+    "failed": frozenset({DState.REFUSED}),  # counted failed while the alert lives: refusals only
+    "refused": frozenset({DState.REFUSED}),
+}
 _RANK = {None: 0, Progress.RECEIVED: 1, Progress.PLAYING: 2, Progress.DONE: 3, Progress.STOPPED: 3}
 _UNSET: object = object()
 
@@ -213,6 +219,46 @@ class Core:
             self._ask(alert, d, now)
         self._finish(now)
         return alert
+
+    def resendable(self, alert_id: str, kinds: Iterable[str], now: float) -> list[Delivery]:
+        """The deliveries a resend of `kinds` (RESEND_KINDS) would re-open; Refused when it may not.
+
+        Never one acknowledged in this revision or finished: a terminal that played it is not asked
+        again. Refused for an alert past its time to live, ended, waiting for approval, or with no
+        terminal to resend to.
+        """
+        kinds = tuple(kinds)
+        alert = self._get(alert_id)
+        if alert.state in (AState.CANCELLED, AState.REJECTED):
+            raise Refused("ended", f"alert {alert_id} has ended ({alert.state}): nothing is sent for it")
+        if alert.closed or now >= alert.expires:
+            raise Refused("expired", f"alert {alert_id} is past its time to live: nothing is sent for it")
+        if alert.state is AState.PENDING_APPROVAL:
+            raise Refused("not_approved", f"alert {alert_id} waits for approval: approve it first")
+        unknown = set(kinds) - RESEND_KINDS.keys()
+        if unknown or not kinds:
+            raise Refused("bad_request", f"resend: expected some of {', '.join(RESEND_KINDS)}")
+        states = set().union(*(RESEND_KINDS[k] for k in kinds))
+        chosen = [
+            d for d in alert.deliveries.values() if d.state in states and not d.acked and not d.finished
+        ]
+        if not chosen:
+            raise Refused(
+                "nothing_to_resend",
+                f"alert {alert_id}: no terminal is {' or '.join(kinds)};"
+                " the others acknowledged or are in flight",
+            )
+        return chosen
+
+    def resend(self, alert_id: str, kinds: Iterable[str], why: str, now: float) -> list[str]:
+        """A new attempt of the current revision to the terminals `resendable` picks; their codes."""
+        chosen = self.resendable(alert_id, kinds, now)
+        alert = self.alerts[alert_id]
+        for d in chosen:
+            self._move(alert, d, DEvent.RESEND, now, cause=why, due=None, budget_base=d.attempts)
+            self._ask(alert, d, now)
+        self._finish(now)
+        return [d.terminal for d in chosen]
 
     # -- events: terminals ----------------------------------------------------------------
     def report(self, r: TerminalReport, now: float) -> str:

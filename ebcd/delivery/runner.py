@@ -93,6 +93,7 @@ class Runner:
         self._docs: set[str] = set()
         self._started: dict[str, float] = {}  # alert -> monotonic acceptance, for the latency histogram
         self._watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
+        self._room_watchers: list[asyncio.Event] = []  # set at each publication (ebcd top)
 
     @property
     def alerts(self) -> dict[str, Alert]:
@@ -158,6 +159,30 @@ class Runner:
             await journal.save_alert(alert_id, doc)
             await journal.flush()
         return self._do(lambda now: self.core.update(alert_id, request, terminals, now))
+
+    async def resend(self, alert_id: str, kinds: Sequence[str], why: str) -> list[str]:
+        """A new attempt of the same revision to the terminals that did not acknowledge (`kinds`).
+
+        Journalled first: each re-opened delivery as pending, the alert as dispatching, so a
+        restart sends what was asked even if the daemon dies before it goes out. The core's
+        `Refused` for an alert past its time to live, ended, or with nothing to resend.
+        """
+        chosen = self.core.resendable(alert_id, kinds, self.clock())
+        alert = self.core.alerts[alert_id]
+        journal, wall = self._journal(), self.wall()
+        for d in chosen:
+            intent = replace(
+                d.record(alert_id, alert.revision), state=DState.PENDING, cause=why, budget_base=d.attempts,
+                retry=False,
+            )  # fmt: skip
+            journal.record_delivery(delivery_row(Transition(d.state, DEvent.RESEND, intent, 0.0), wall))
+        if alert.state is not AState.DISPATCHING:
+            await self._save_intent(alert, AState.DISPATCHING)
+        await journal.flush()
+        now = self.clock()
+        codes = self.core.resend(alert_id, kinds, why, now)
+        self._perform(self.core.drain())
+        return codes
 
     async def _save_intent(
         self, alert: Alert, state: AState, *, reason: str | None = None, closed: bool = False
@@ -368,6 +393,9 @@ class Runner:
 
     def _publish(self, alert_ids: set[str]) -> None:
         now = self.clock()
+        if alert_ids:
+            for event in self._room_watchers:
+                event.set()
         for alert_id in alert_ids:
             self._dirty.discard(alert_id)
             alert = self.core.alerts.get(alert_id)
@@ -394,6 +422,17 @@ class Runner:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
         self._watchers.setdefault(alert_id, []).append(q)
         return q
+
+    def watch_room(self) -> asyncio.Event:
+        """An event set whenever alert states are published (a whole-room view redraws then)."""
+        event = asyncio.Event()
+        self._room_watchers.append(event)
+        return event
+
+    def unwatch_room(self, event: asyncio.Event) -> None:
+        """Stop setting a whole-room watcher's event."""
+        if event in self._room_watchers:
+            self._room_watchers.remove(event)
 
     def unwatch(self, alert_id: str, q: asyncio.Queue[dict[str, Any]]) -> None:
         """Stop feeding a watcher."""

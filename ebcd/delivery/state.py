@@ -16,7 +16,9 @@ the broadcast the terminal did not finish is pre-empted, not forgotten. A cancel
 open CANCELLED, the time to live EXPIRED; nothing is sent past the time to live, even when the
 clock jumps past it and its timer has yet to fire. A terminal that comes back (a new session)
 re-opens what it never acknowledged, and a resume it never confirmed (back to PENDING), asked by
-priority; an update re-opens every delivery it keeps for the new revision.
+priority; an update re-opens every delivery it keeps for the new revision. A resend (the duty
+officer finishing a partial alert) re-opens the UNCERTAIN and REFUSED ones the officer picked,
+with a fresh retry budget, in the same revision; never one acknowledged or finished.
 
 Counting never rewrites history: a delivery that was acknowledged in the current revision counts
 as acked whatever happens to it later (pre-empted, cancelled, expired). A delivery whose terminal
@@ -65,6 +67,7 @@ class DEvent(StrEnum):
     EXPIRE = "expire"
     REOPEN = "reopen"  # the terminal came back: send again what it never acknowledged
     RENEW = "renew"  # an update: deliver the new revision
+    RESEND = "resend"  # the duty officer asked for a new attempt of the same revision
 
 
 class Progress(StrEnum):
@@ -99,13 +102,14 @@ DELIVERY: Final[dict[DState, dict[DEvent, DState]]] = {
               _E.REOPEN: _S.PENDING, _E.RENEW: _S.PENDING},
     _S.UNCERTAIN: {_E.SEND: _S.SENT, _E.BLOCK: _S.WAITING, _E.ACK: _S.ACKNOWLEDGED, _E.REFUSE: _S.REFUSED,
                    _E.PREEMPT: _S.PREEMPTED, _E.CANCEL: _S.CANCELLED, _E.EXPIRE: _S.EXPIRED,
-                   _E.REOPEN: _S.PENDING, _E.RENEW: _S.PENDING},
+                   _E.REOPEN: _S.PENDING, _E.RENEW: _S.PENDING, _E.RESEND: _S.PENDING},
     # a cancel stops what plays: the delivery stays acknowledged (progress `stopped`)
     _S.ACKNOWLEDGED: {_E.ACK: _S.ACKNOWLEDGED, _E.PREEMPT: _S.PREEMPTED, _E.CANCEL: _S.ACKNOWLEDGED,
                       _E.RENEW: _S.PENDING},
     _S.PREEMPTED: {_E.SEND: _S.SENT, _E.BLOCK: _S.PREEMPTED, _E.ACK: _S.ACKNOWLEDGED,
                    _E.CANCEL: _S.CANCELLED, _E.EXPIRE: _S.EXPIRED, _E.RENEW: _S.PENDING},
-    _S.REFUSED: {_E.ACK: _S.ACKNOWLEDGED, _E.REOPEN: _S.PENDING, _E.RENEW: _S.PENDING},
+    _S.REFUSED: {_E.ACK: _S.ACKNOWLEDGED, _E.REOPEN: _S.PENDING, _E.RENEW: _S.PENDING,
+                 _E.RESEND: _S.PENDING},
     # a late acknowledgement of an attempt that did go out is still the truth about that terminal
     _S.CANCELLED: {_E.ACK: _S.CANCELLED, _E.RENEW: _S.PENDING},
     _S.EXPIRED: {_E.ACK: _S.EXPIRED},

@@ -35,6 +35,7 @@ from typing import Any, Final, Self
 from urllib.parse import quote
 
 from ebcd.admission.schedule import TestOutcome
+from ebcd.journal.attempts import attempt_history, ledger_link
 from ebcd.tiers.district import District
 from ebcd.tiers.rollup import Tally
 
@@ -371,6 +372,10 @@ class JournalReader:
             state = self._state_of(doc)
             deliveries = self.current_deliveries(doc)
             refusals = self.refusals(alert_id)
+            rows = self._query(
+                "SELECT terminal, state, detail, at, attempt FROM transitions WHERE alert_id = ? ORDER BY id",
+                (alert_id,),
+            )
         order = {t.code: i for i, t in enumerate(district.terminals())}
         problems = []
         for code in sorted(deliveries, key=lambda c: (order.get(c, len(order)), c)):
@@ -386,12 +391,17 @@ class JournalReader:
                     "cause": d.detail,
                     "attempts": d.attempts,
                     "liveness": "unknown",  # not journalled
+                    "room": term.room if term else None,
                 }
             )
+        unacked = {p["terminal"] for p in problems}
+        history = attempt_history(((t, s, d, at, bool(a)) for t, s, d, at, a in rows), ledger_link(district))
         report: dict[str, Any] = {
             "state": state,
             "towns": town_rows(district, {c: d.bucket for c, d in deliveries.items()}),
             "problems": problems,
+            "history": {c: h for c, h in history.items() if c in unacked or h["resent"]},
+            "buckets": {c: _tally_bucket(d.bucket) for c, d in deliveries.items()},
         }
         if refusals:
             report["refusals"] = [{"terminal": t, "cause": c} for t, c in refusals]

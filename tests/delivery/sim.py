@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ebcd.delivery.core import AlertSpec, Core, Policy, Refused, ReportVerdict
+from ebcd.delivery.core import RESEND_KINDS, AlertSpec, Core, Policy, Refused, ReportVerdict
 from ebcd.delivery.liveness import Heard
 from ebcd.delivery.preemption import CRITERIA
 from ebcd.delivery.records import AlertRecord, AlertTransition, DeliveryRecord, Note, Play, Stop
 from ebcd.delivery.recovery import resend_in_flight, restore
-from ebcd.delivery.state import AState
+from ebcd.delivery.state import AState, DState
 from ebcd.model.alert import AlertRequest, CodeTarget, Origin
 from ebcd.model.backoff import Backoff
 from ebcd.protocols.messages import AckStatus, Liveness, TerminalPresence, TerminalReport
@@ -93,6 +93,7 @@ WEIGHTS: dict[str, int] = {
     "reject": 1,
     "update": 3,
     "cancel": 2,
+    "resend": 2,
     "advance": 24,
     "lose": 2,
     "dup": 2,
@@ -486,6 +487,42 @@ class Sim(Checks):
             return
         if closed:
             raise self.fail(f"cancel of the closed alert {alert_id} was not refused")
+        self.handle()
+
+    def step_resend(self, n: int, which: int, _c: int) -> None:
+        """The duty officer finishes a partial alert: a new attempt to what did not acknowledge."""
+        alert_id = self.pick(n, self.alert_ids())
+        if alert_id is None:
+            return
+        alert = self.core.alerts[alert_id]
+        kinds = [k for i, k in enumerate(RESEND_KINDS) if which >> i & 1] or list(RESEND_KINDS)
+        states = set().union(*(RESEND_KINDS[k] for k in kinds))
+        open_to = {
+            code
+            for code, d in alert.deliveries.items()
+            if d.state in states and not d.acked and not d.finished
+        }
+        played = {code for code, d in alert.deliveries.items() if d.acked or d.finished}
+        over = alert.closed or self.now >= alert.expires or alert.state is AState.PENDING_APPROVAL
+        self.say(f"resend {alert_id} {kinds} (over={over}) -> {sorted(open_to)}")
+        try:
+            codes = self.core.resend(alert_id, kinds, "resent by the duty officer", self.now)
+        except Refused as e:
+            if not over and open_to:
+                raise self.fail(f"resend of {alert_id} in {alert.state} refused: {e.code}") from e
+            want = {"nothing_to_resend"} if not over else {"ended", "expired", "not_approved"}
+            if e.code not in want:
+                raise self.fail(f"resend of {alert_id} refused with {e.code}, expected {want}") from e
+            self.stats["resend_refused"] += 1
+            return
+        if over:
+            raise self.fail(f"resend of {alert_id} in {alert.state} closed={alert.closed} was not refused")
+        if set(codes) != open_to or set(codes) & played:
+            raise self.fail(f"resend of {alert_id} went to {codes}, not to {sorted(open_to)}")
+        for code in codes:
+            d = alert.deliveries[code]
+            if d.state not in (DState.SENT, DState.WAITING):
+                raise self.fail(f"resent {alert_id}/{code} is {d.state} ({d.cause}), not sent or waiting")
         self.handle()
 
     def step_advance(self, dt: int, scale: int, _c: int) -> None:

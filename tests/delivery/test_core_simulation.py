@@ -32,7 +32,7 @@ JOBS = int(os.environ.get("EBCD_SIM_JOBS", str(min(2, os.cpu_count() or 1))))
 # What the workloads must have made happen, over all seeds: a simulation that never pre-empts,
 # resumes, retries or restarts proves nothing about them.
 EXERCISED = (
-    "send", "block", "ack", "refuse", "timeout", "preempt", "cancel", "expire", "reopen", "renew",
+    "send", "block", "ack", "refuse", "timeout", "preempt", "cancel", "expire", "reopen", "renew", "resend",
     "resumed", "step_restart", "step_jump", "step_room_down", "note_play_hold_timeout",
 )  # fmt: skip
 

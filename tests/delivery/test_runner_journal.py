@@ -15,11 +15,12 @@ import pytest
 
 from ebcd.delivery.core import AlertSpec, Core, Policy
 from ebcd.delivery.runner import Runner
+from ebcd.delivery.state import AState
 from ebcd.journal.journal import Journal
 from ebcd.journal.reader import JournalReader
 from ebcd.metrics import Metrics
 from ebcd.model.alert import AlertRequest, CodeTarget
-from ebcd.protocols.messages import Command
+from ebcd.protocols.messages import AckStatus, Command, TerminalReport
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
 
@@ -110,3 +111,45 @@ async def test_the_next_document_save_replaces_the_intent_with_the_alert_as_it_s
         len(codes),
         len(codes),
     )
+
+
+class JournalPeek(Recorder):
+    """A transport that reads the journal at the moment it is asked to send."""
+
+    def __init__(self, name: str, path: Path, district: District) -> None:
+        super().__init__(name)
+        self.path, self.district = path, district
+        self.seen: list[dict[str, tuple[str, str | None]]] = []
+
+    def send(self, cmd: Command, terminals: Sequence[Terminal], *, first: bool) -> None:
+        super().send(cmd, terminals, first=first)
+        with JournalReader(self.path, self.district) as reader:
+            rows = reader.deliveries(cmd.alert_id)
+        self.seen.append({t.code: (rows[t.code].state, rows[t.code].detail) for t in terminals})
+
+
+async def test_a_resend_is_journalled_with_who_asked_before_it_goes_out(
+    tmp_path: Path, district: District, journal: Journal
+) -> None:
+    village = next(v for v in district.villages() if v.link == "mqtt" and len(v.terminals) >= 2)
+    codes = [t.code for t in village.terminals]
+    runner, _ = _runner(district, journal)
+    peek = JournalPeek("mqtt", tmp_path / "journal.sqlite3", district)
+    runner.transports["mqtt"] = peek
+    alert = await runner.accept(_spec("20261203-0003", village.code), codes, hold=False)
+    runner.on_report(TerminalReport(codes[0], alert.id, 1, AckStatus.DONE))
+    for code in codes[1:]:
+        runner.on_report(TerminalReport(code, alert.id, 1, AckStatus.REFUSED, "busy"))
+    assert alert.state is AState.PARTIAL
+    peek.sent.clear()
+    peek.seen.clear()
+
+    resent = await runner.resend(alert.id, ["refused"], "resent by duty")
+    assert resent == codes[1:]
+    assert peek.sent == [(alert.id, codes[1:])]  # never to the terminal that played it
+    # what a kill -9 right before the send would have left: each one pending, with who asked
+    assert peek.seen == [dict.fromkeys(codes[1:], ("pending", "resent by duty"))]
+    with JournalReader(tmp_path / "journal.sqlite3", district) as reader:
+        doc = reader.alert_doc(alert.id)
+    assert doc is not None
+    assert doc["state"] == "dispatching"  # the alert, too, was journalled as dispatching again

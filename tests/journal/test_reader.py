@@ -388,7 +388,7 @@ def test_report_has_the_towns_villages_and_the_town_rooms_own_row(
 ) -> None:
     report = reader.report(history.legacy.id)
     assert report is not None
-    assert set(report) == {"state", "towns", "problems", "refusals", "source"}
+    assert set(report) == {"state", "towns", "problems", "history", "buckets", "refusals", "source"}
     assert report["source"] == "journal"
     assert report["state"]["id"] == history.legacy.id
     [town] = report["towns"]
@@ -427,6 +427,7 @@ def test_report_problems_are_the_terminals_without_acknowledgement(
         "cause": "busy",
         "attempts": 1,
         "liveness": "unknown",
+        "room": terminals[0].room,
     }
     assert (problems[2]["state"], problems[2]["cause"], problems[2]["attempts"]) == (
         "uncertain",
