@@ -10,7 +10,14 @@ from ebcd.ingest import Reason
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
 JOURNAL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 TRANSPORTS = ("mqtt", "serial", "adapter")
-DROPPED_WHERE = ("mqtt_outgoing", "ingest_queue", "serial_encode", "adapter", "adapter_encode")
+DROPPED_WHERE = (
+    "mqtt_outgoing",
+    "ingest_queue",
+    "serial_encode",
+    "adapter",
+    "adapter_encode",
+    "web_connections",
+)
 ADAPTER_DROPS = (  # what the adapter listener drops (ebcd.protocols.adapter.listener)
     "bad_frame",
     "bad_signature",

@@ -427,7 +427,7 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             server.close()
             if web is not None:
-                web.close()
+                await web.close()
             if http is not None:
                 http.shutdown()
             if self.ebd_server is not None:

@@ -1,10 +1,12 @@
 """A read-only HTTP server for the wall screen: the page, the ledger, and a server-sent event stream.
 
-h11 parses and frames HTTP/1.1; one request per connection. GET and HEAD only, nothing writes.
+On aiohttp, as the EBD link is (one HTTP library in ebcd). GET and HEAD only, nothing writes.
 Beyond loopback every request needs the token of `[web] token_file` (`Authorization: Bearer T`,
 or `?token=T`, which the page's EventSource has to use). `/events` streams one snapshot of the
 duty room now and at each publication of alert states, at least every `refresh_s`; `?alert=ID`
-adds that alert's per-terminal state (else the newest in flight, or the newest).
+adds that alert's per-terminal state (else the newest in flight, or the newest). At most
+`MAX_CONNECTIONS` requests are served at once (event streams stay open): more are answered 503,
+logged and counted in `ebcd_dropped_messages_total{where="web_connections"}`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import contextlib
 import hmac
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final
-from urllib.parse import parse_qs, urlsplit
 
-import h11
 import structlog
+from aiohttp import web
 
 from ebcd.metrics import Metrics
 from ebcd.tiers.district import District
@@ -28,12 +29,13 @@ from ebcd.tiers.hull import convex_hull
 
 log = structlog.get_logger("ebcd.web")
 
-REQUEST_TIMEOUT_S: Final = 10.0
-MAX_REQUEST_BYTES: Final = 16_384
+MAX_REQUEST_BYTES: Final = 16_384  # a request line or header; bodies are never read
 MAX_CONNECTIONS: Final = 32
 STATIC: Final = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript")}
+NO_STORE: Final = {"Cache-Control": "no-store"}
 
 Snapshot = Callable[[str | None], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class WebServer:
@@ -60,124 +62,99 @@ class WebServer:
         self.snapshot, self.watch, self.unwatch = snapshot, watch, unwatch
         self.metrics = metrics
         self.refresh_s, self.min_interval_s = refresh_s, min_interval_s
-        self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.Task[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._open = 0
+        self._streams: set[asyncio.Event] = set()
+        self._closing = asyncio.Event()
         self.bound_port = port
 
     async def start(self) -> None:
         """Bind; OSError when the address is taken or not ours."""
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_REQUEST_BYTES)
-        self.bound_port = int(self._server.sockets[0].getsockname()[1])
+        limits = {"max_line_size": MAX_REQUEST_BYTES, "max_field_size": MAX_REQUEST_BYTES}
+        app = web.Application(middlewares=[self._guard], handler_args=limits, client_max_size=1024)
+        app.router.add_get("/", self._static)
+        app.router.add_get("/app.js", self._static)
+        app.router.add_get("/ledger.json", self._ledger)
+        app.router.add_get("/events", self._events, allow_head=False)
+        app.router.add_route("*", "/{tail:.*}", self._other)
+        # an open event stream ends within refresh_s + min_interval_s of close(): no 60 s default wait
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=2 * self.refresh_s + 1
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server  # the bound port, for listen = "HOST:0"
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = int(sockets[0].getsockname()[1]) if sockets else self.port
         log.info("web.listening", url=f"http://{self.host}:{self.bound_port}/", token=self.token is not None)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop listening and end every open stream."""
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._conns):
-            task.cancel()
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        me = asyncio.current_task()
-        if me is not None:
-            self._conns.add(me)
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return _text(405, "read-only: GET and HEAD only\n", Allow="GET, HEAD")
+        if self.token is not None and not self._authorised(request):
+            return _text(401, "token needed\n")
+        if self._open >= MAX_CONNECTIONS:
+            self.metrics.dropped.labels("web_connections").inc()
+            log.warning("web.busy", connections=self._open, limit=MAX_CONNECTIONS)
+            return _text(503, "busy\n")
+        self._open += 1
         try:
-            if len(self._conns) > MAX_CONNECTIONS:
-                self.metrics.dropped.labels("web_connections").inc()
-                log.warning("web.busy", connections=len(self._conns), limit=MAX_CONNECTIONS)
-                return
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-            try:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    request = await _next_request(conn, reader)
-            except (h11.RemoteProtocolError, TimeoutError) as e:
-                log.info("web.bad_request", error=str(e) or "timeout")
-                self.metrics.unexpected.labels("web_request").inc()
-                with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
-                    await _send(writer, conn, 400, b"bad request\n", "text/plain")
-                return
-            if request is not None:
-                await self._answer(conn, writer, request)
-        except (ConnectionError, h11.LocalProtocolError):
-            pass
+            return await handler(request)
         finally:
-            if me is not None:
-                self._conns.discard(me)
-            writer.close()
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await writer.wait_closed()
+            self._open -= 1
 
-    async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, req: h11.Request) -> None:
-        target = urlsplit(req.target.decode("ascii", "replace"))
-        query = parse_qs(target.query)
-        method = req.method.decode("ascii", "replace")
-        if method not in ("GET", "HEAD"):
-            await _send(writer, conn, 405, b"read-only: GET and HEAD only\n", "text/plain", allow="GET, HEAD")
-            return
-        if self.token is not None and not self._authorised(req, query):
-            await _send(writer, conn, 401, b"token needed\n", "text/plain")
-            return
-        body = method == "GET"
-        if target.path in STATIC:
-            name, kind = STATIC[target.path]
-            data = resources.files("ebcd.web").joinpath("static", name).read_bytes()
-            await _send(writer, conn, 200, data if body else b"", kind)
-        elif target.path == "/ledger.json":
-            await _send(writer, conn, 200, self.ledger if body else b"", "application/json")
-        elif target.path == "/events" and body:
-            picked = query.get("alert")
-            await self._events(conn, writer, picked[0] if picked else None)
-        else:
-            await _send(writer, conn, 404, b"not found\n", "text/plain")
-
-    def _authorised(self, req: h11.Request, query: dict[str, list[str]]) -> bool:
-        given = (query.get("token") or [""])[0]
-        for name, value in req.headers:
-            if name == b"authorization" and value.startswith(b"Bearer "):
-                given = value[7:].decode("ascii", "replace")
+    def _authorised(self, request: web.Request) -> bool:
+        given = request.query.get("token", "")
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            given = header[7:]
         return hmac.compare_digest(given.encode(), (self.token or "").encode())
 
-    async def _events(self, conn: h11.Connection, writer: asyncio.StreamWriter, alert_id: str | None) -> None:
-        headers = [("content-type", "text/event-stream"), ("cache-control", "no-store")]
-        writer.write(conn.send(h11.Response(status_code=200, headers=headers)) or b"")
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        name, kind = STATIC[request.path]
+        data = resources.files("ebcd.web").joinpath("static", name).read_bytes()
+        return web.Response(body=data, content_type=kind, charset="utf-8", headers=NO_STORE)
+
+    async def _ledger(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=self.ledger, content_type="application/json", charset="utf-8", headers=NO_STORE
+        )
+
+    async def _other(self, request: web.Request) -> web.StreamResponse:
+        return _text(404, "not found\n")
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **NO_STORE})
+        await response.prepare(request)
+        alert_id = request.query.get("alert")
         changed = self.watch()
         try:
-            while True:
+            while not self._closing.is_set():
                 changed.clear()
                 doc = json.dumps(self.snapshot(alert_id), ensure_ascii=False)
-                writer.write(conn.send(h11.Data(data=f"data: {doc}\n\n".encode())) or b"")
-                await writer.drain()
+                await response.write(f"data: {doc}\n\n".encode())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.refresh_s):
                         await changed.wait()
                 await asyncio.sleep(self.min_interval_s)
+        except ConnectionError:
+            pass  # the page went away
         finally:
             self.unwatch(changed)
+        return response
 
 
-async def _next_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await reader.read(MAX_REQUEST_BYTES)
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            return event
-        return None  # the peer closed
-
-
-async def _send(
-    writer: asyncio.StreamWriter, conn: h11.Connection, status: int, data: bytes, kind: str, **extra: str
-) -> None:
-    headers = [("content-type", f"{kind}; charset=utf-8"), ("content-length", str(len(data))),
-               ("connection", "close"), ("cache-control", "no-store")]  # fmt: skip
-    headers += list(extra.items())
-    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-    if data:
-        writer.write(conn.send(h11.Data(data=data)) or b"")
-    writer.write(conn.send(h11.EndOfMessage()) or b"")
-    await writer.drain()
+def _text(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text, headers={**NO_STORE, **headers})
 
 
 def _loopback(host: str) -> bool:

@@ -27,7 +27,7 @@ from websockets.sync.client import connect as ws_connect
 
 from ebcd.metrics import Metrics
 from ebcd.tiers.district import District
-from ebcd.web.server import WebServer
+from ebcd.web.server import MAX_CONNECTIONS, WebServer
 from tests.cli.test_commands import (
     START_TIMEOUT_S,
     TOWN_AREA,
@@ -132,7 +132,29 @@ async def test_beyond_localhost_the_page_needs_a_token(district: District) -> No
         assert (await asyncio.to_thread(get, base + "/?token=wrong"))[0] == 401
         assert (await asyncio.to_thread(get, base + "/?token=s3cret"))[0] == 200
     finally:
-        web.close()
+        await web.close()
+
+
+async def test_more_requests_than_the_bound_are_answered_busy_and_counted() -> None:
+    metrics = Metrics()
+    args = {"ledger": {}, "snapshot": lambda _: {}, "watch": asyncio.Event, "unwatch": lambda _: None}
+    web = WebServer("127.0.0.1", 0, token=None, metrics=metrics, refresh_s=0.5, **args)
+    await web.start()
+    streams = []
+    try:
+        for _ in range(MAX_CONNECTIONS):  # event streams stay open
+            reader, writer = await asyncio.open_connection("127.0.0.1", web.bound_port)
+            writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            streams.append(writer)
+        status, _body, _kind = await asyncio.to_thread(get, f"http://127.0.0.1:{web.bound_port}/")
+        assert status == 503
+        value = metrics.registry.get_sample_value("ebcd_dropped_messages_total", {"where": "web_connections"})
+        assert value == 1.0
+    finally:
+        for writer in streams:
+            writer.close()
+        await web.close()
 
 
 class Browser:
