@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ebcd import log as logsetup
 from ebcd.config import (
     Config,
     ConfigError,
@@ -24,11 +23,10 @@ from ebcd.config import (
     shipped_config_path,
 )
 from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
-from ebcd.tiers.district import District
-from ebcd.tiers.loader import TopologyError, load_district
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the ledger (numpy) and the journal reader load only for the commands that need them
     from ebcd.journal.reader import JournalReader
+    from ebcd.tiers.district import District
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -89,7 +87,15 @@ def _config(path: Path | None) -> Config:
         raise typer.Exit(EXIT_REFUSED) from None
 
 
+def _setup_logging(level: str) -> None:
+    from ebcd import log  # structlog's renderers: only the long-running commands log
+
+    log.setup(level)
+
+
 def _load(path: Path | None) -> tuple[Config, District]:
+    from ebcd.tiers.loader import TopologyError, load_district
+
     config = _config(path)
     try:
         return config, load_district(config)
@@ -199,7 +205,7 @@ def run(
 
     from ebcd.daemon.service import run_daemon
 
-    logsetup.setup(log_level)
+    _setup_logging(log_level)
     cfg, district = _load(config)
     buses = _serial_run_dir(cfg, district, config, broker, run_dir)
     if buses is not None:
@@ -254,7 +260,7 @@ def simulate(
     from ebcd.security.signing import SecurityError
     from simulators.runner import BusDirError, run_simulators
 
-    logsetup.setup(log_level)
+    _setup_logging(log_level)
     cfg, district = _load(config)
     buses = _serial_run_dir(cfg, district, config, broker, run_dir)
     if buses is not None:
@@ -308,7 +314,7 @@ def simulate_upstream(
     from ebcd.security.signing import SecurityError
     from simulators.city_platform import BENCH_CITY_CODE, CityPlatform, bench_city_signer, ebcd_keys, run_city
 
-    logsetup.setup(log_level)
+    _setup_logging(log_level)
     cfg, district = _load(config)
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -600,6 +606,8 @@ def _not_in_journal(alert_id: str, path: Path) -> typer.Exit:
 
 def _district_or_none(config: Path | None) -> District | None:
     """The topology for tallies the journal lacks, or None (and nothing said) if it does not load."""
+    from ebcd.tiers.loader import TopologyError, load_district
+
     try:
         return load_district(load_config(config or default_config_path()))
     except (ConfigError, TopologyError):

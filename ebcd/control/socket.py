@@ -32,11 +32,13 @@ import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ebcd.metrics import Metrics
+if TYPE_CHECKING:  # the CLI's client side needs no metrics (prometheus_client) to start
+    from ebcd.metrics import Metrics
+
 
 log = structlog.get_logger("ebcd.control")
 
@@ -157,7 +159,11 @@ async def serve(
         listener.close()
         raise
     _check_file_limit(max_connections)
-    return ControlServer(listener, handler, limits, metrics if metrics is not None else Metrics())
+    if metrics is None:
+        from ebcd.metrics import Metrics
+
+        metrics = Metrics()
+    return ControlServer(listener, handler, limits, metrics)
 
 
 def _remove_stale(path: Path) -> None:

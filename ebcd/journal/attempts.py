@@ -65,6 +65,8 @@ def ledger_link(district: District) -> Callable[[str], str]:
         if term is None:
             return "?"
         port = getattr(district.room_of(term), "port", None)
+        if term.link == "adapter" and port and not port.rpartition(":")[2].isdigit():
+            port = port.rpartition(":")[0] + ":<port in the run folder>"  # tcp://HOST:{run_dir}
         return f"{term.link} {port}" if term.link != "mqtt" and port else term.link
 
     return link_of

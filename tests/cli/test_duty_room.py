@@ -278,7 +278,8 @@ def test_report_shows_each_resent_terminals_attempts_with_who_asked(
         assert history[code]["resent"] is True
         assert len(attempts) >= 3  # 2 attempts, then at least one resend
         assert [a["n"] for a in attempts] == list(range(1, len(attempts) + 1))
-        assert all(a["link"] == "mqtt" for a in attempts)
+        link = district.terminal(code).link  # 万佛湖镇's villages are behind vendor adapters
+        assert all(a["link"].split()[0] == link for a in attempts), attempts
         assert all(a["outcome"] == "uncertain" for a in attempts), attempts
         assert all(a["at"] <= b["at"] for a, b in itertools.pairwise(attempts))
         asked = [a["asked_by"] for a in attempts if a["asked_by"]]
