@@ -81,6 +81,13 @@ class Metrics:
         self.town_terminals = Gauge(
             "ebcd_town_terminals", "Terminals by town and liveness state", ["town", "state"], registry=r
         )
+        self.town_location = Gauge(
+            "ebcd_town_location",
+            "1 for each town, with where its terminals are (their mean latitude and longitude) and its name: "
+            "what a map panel joins ebcd_town_terminals with",
+            ["town", "name", "lat", "lon"],
+            registry=r,
+        )
         self.rejected = Counter(
             "ebcd_rejected_messages", "Upstream messages refused, by reason", ["reason"], registry=r
         )

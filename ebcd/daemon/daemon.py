@@ -178,6 +178,12 @@ class Daemon:
             state_interval_s=dc.state_publish_interval_s,
         )
         sec = config.security
+        for town in district.towns.values():  # for the dashboard's map: a few fixed series
+            points = [(t.lat, t.lon) for t in town.terminals()]
+            if points:
+                lat = sum(p[0] for p in points) / len(points)
+                lon = sum(p[1] for p in points) / len(points)
+                self.metrics.town_location.labels(town.code, town.name, f"{lat:.5f}", f"{lon:.5f}").set(1)
         self.terminals = TerminalTraffic(
             district,
             self.topics,

@@ -198,8 +198,12 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
         "ebcd_dropped_messages_total",
         "ebcd_rejected_messages_total",
         "ebcd_journal_commit_seconds_bucket",
+        "group_left (name, lat, lon)",  # the map: towns where their terminals are
     ):
         assert needed in exprs, needed
+    (geomap,) = [p for p in panels if p["type"] == "geomap"]
+    location = geomap["options"]["layers"][0]["location"]
+    assert (location["mode"], location["latitude"], location["longitude"]) == ("coords", "lat", "lon")
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
