@@ -663,6 +663,36 @@ def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     typer.echo(f"  terminals          {counts['terminals']}")
 
 
+@topology_app.command("generate")
+def topology_generate(
+    towns: Annotated[int, typer.Option(help="towns (1-900)")],
+    villages_per_town: Annotated[int, typer.Option(help="villages in each town (0-999)")],
+    terminals_per_village: Annotated[int, typer.Option(help="terminals in each village (0-99)")],
+    out: Annotated[Path, typer.Option(help="folder for ebcd.toml, rooms.csv and terminals.csv")],
+    terminals_per_town: Annotated[int, typer.Option(help="each town's own terminals (0-99)")] = 0,
+) -> None:
+    """Write a config and its ledgers for a district of any size, all on MQTT, by the shipped rules."""
+    from ebcd.tiers.generate import ShapeError, generate
+
+    try:
+        ledgers = generate(
+            out,
+            towns,
+            villages_per_town,
+            terminals_per_village,
+            terminals_per_town=terminals_per_town,
+            config_template=shipped_config_path(),
+        )
+    except ShapeError as e:
+        raise _fail(f"topology generate: {e}") from None
+    except OSError as e:
+        raise _fail(f"topology generate: cannot write {out}: {e.strerror or e}") from None
+    typer.echo(
+        f"{out / 'ebcd.toml'}: {towns} towns, {len(ledgers.rooms) - towns} villages, "
+        f"{len(ledgers.terminals)} terminals"
+    )
+
+
 @topology_app.command("show")
 def topology_show(config: ConfigOpt = None) -> None:
     """The tree of towns and villages with terminal counts."""
