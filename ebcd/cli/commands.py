@@ -227,20 +227,41 @@ def simulate(
     ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     run_dir: RunDirOpt = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="spread the MQTT terminals over this many processes")
+    ] = 1,
+    share: Annotated[str | None, typer.Option(hidden=True, help="I/N: this process's share")] = None,
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
     import structlog
 
     from ebcd.security.signing import SecurityError
-    from simulators.runner import BusDirError, run_simulators
+    from simulators.runner import BusDirError, parse_share, run_simulators
 
     logsetup.setup(log_level)
     cfg, district = _load(config)
     buses = _serial_run_dir(cfg, district, config, broker, run_dir)
     if buses is not None:
         structlog.get_logger("ebcd.cli").info("serial.run_dir", run_dir=str(buses))
+    if processes > 1 and share is None:
+        from simulators.processes import run_processes
+
+        child = [sys.executable, "-m", "ebcd", "simulate", "--faults", faults, "--seed", str(seed)]
+        child += ["--bus-faults", bus_faults, "--adapter-faults", adapter_faults, "--log-level", log_level]
+        for flag, value in (("--config", config), ("--broker", broker), ("--run-dir", buses),
+                            ("--play-time", play_time)):  # fmt: skip
+            if value is not None:
+                child += [flag, str(value)]
+        for target in only or []:
+            child += ["--only", target]
+        report = ["--faults-report", str(faults_report)] if faults_report is not None else []
+        shares = [
+            [*child, *(report if i == 0 else []), "--share", f"{i}/{processes}"] for i in range(processes)
+        ]
+        raise typer.Exit(run_processes(shares))
     cfg = _adapter_run_dir(cfg, buses)
     try:
+        parsed_share = parse_share(share) if share is not None else None
         code = run_simulators(
             cfg,
             district,
@@ -252,6 +273,7 @@ def simulate(
             faults_report=faults_report,
             bus_faults=bus_faults,
             adapter_faults=adapter_faults,
+            share=parsed_share,
         )
     except (ValueError, SecurityError, BusDirError) as e:  # SecurityError: key, password, CA, cert files
         raise _fail(str(e)) from None
