@@ -60,6 +60,14 @@ def progress(size: int, what: str, seconds: float) -> None:
     print(f"[{size}] {what}: {seconds:.2f} s", file=sys.stderr, flush=True)
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (the simulator supervisor and its shares)."""
+    total = cpu_s(pid)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += cpu_s(int(child))
+    return total
+
+
 async def until_answers(client: ControlClient, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -189,17 +197,20 @@ async def measure_size(size: int, opts: argparse.Namespace, work: Path) -> dict[
         await until_online(daemon.client, size)
         out["all_online_s"] = time.perf_counter() - t_start
         progress(size, "all online", time.perf_counter() - t_start)
-        times, cpus = [], []
+        times, cpus, sim_cpus, broker_cpus = [], [], [], []
         for i in range(opts.runs):
-            c0, t0 = cpu_s(daemon.pid), time.perf_counter()
+            c0, s0, b0, t0 = cpu_s(daemon.pid), tree_cpu_s(sims.pid), cpu_s(mosq.pid), time.perf_counter()
             alert = await send_all(daemon.client, f"scale {i}")
             await until_acked(daemon.client, alert, size)
             times.append(time.perf_counter() - t0)
             cpus.append(cpu_s(daemon.pid) - c0)
+            sim_cpus.append(tree_cpu_s(sims.pid) - s0)
+            broker_cpus.append(cpu_s(mosq.pid) - b0)
             progress(size, "alert acked", times[-1])
             await asyncio.sleep(1.0)  # let the 'done' reports of this alert pass
         out["median_s"], out["max_s"] = statistics.median(times), max(times)
         out["cpu_s"] = statistics.median(cpus)
+        out["sim_cpu_s"], out["broker_cpu_s"] = statistics.median(sim_cpus), statistics.median(broker_cpus)
         out["rss_mb"], out["peak_rss_mb"] = rss_mb(daemon.pid)
         out.update(await measure_recovery(daemon, district.code, port, size))
         daemon.stop()
@@ -268,6 +279,13 @@ async def main() -> None:
     for size, r in results.items():
         if isinstance(r, str):
             print(f"{size:9} {r}")
+            continue
+        print(
+            f"{size:9} terminals, CPU seconds during one alert: daemon {r['cpu_s']:.2f}, simulators "
+            f"{r['sim_cpu_s']:.2f}, Mosquitto {r['broker_cpu_s']:.2f}; bare client {r['bare']['cpu_s']:.2f}"
+        )
+    for size, r in results.items():
+        if isinstance(r, str):
             continue
         b = r["bare"]
         print(
