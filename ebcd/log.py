@@ -28,7 +28,9 @@ def setup(level: str = "info", *, json: bool | None = None, stream: object = Non
     structlog.configure(
         processors=[*processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
+        # one write per line, newline included (print writes them apart): the processes of
+        # `ebcd simulate --processes N` share one stderr, and their lines must not interleave
+        logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out)  # type: ignore[arg-type]

@@ -47,6 +47,7 @@ log = structlog.get_logger("ebcd.simulator")
 
 FLAP_INTERVAL_S = 4.0
 FLAP_DOWN_S = 1.5
+CONNECT_WAIT_S = 10.0  # a connection not up by then lets the next one start (and is logged)
 
 
 class SimTerminal:
@@ -257,13 +258,21 @@ class MqttFleet:
         async with asyncio.TaskGroup() as tg:
             sem = asyncio.Semaphore(self.connect_concurrency)
             online = [s for s in self.terminals if s.behaviour.fault is not Fault.OFFLINE]
-            for sim in online:
-                async with sem:
-                    self._connect(sim, tg)
-                    try:
-                        await asyncio.wait_for(sim.link.connected.wait(), 10)
-                    except TimeoutError:
-                        log.warning("simulator.slow_connect", terminal=sim.terminal.code)
+
+            async def admitted(sim: SimTerminal) -> None:
+                try:
+                    await asyncio.wait_for(sim.link.connected.wait(), CONNECT_WAIT_S)
+                except TimeoutError:
+                    log.warning("simulator.slow_connect", terminal=sim.terminal.code, waited_s=CONNECT_WAIT_S)
+                finally:
+                    sem.release()
+
+            waiting = []
+            for sim in online:  # up to connect_concurrency connecting at once, not one after another
+                await sem.acquire()
+                self._connect(sim, tg)
+                waiting.append(tg.create_task(admitted(sim), name=f"sim-admit-{sim.terminal.code}"))
+            await asyncio.gather(*waiting)
             log.info("simulator.connected", terminals=len(online), offline=len(self.terminals) - len(online))
             self.started.set()
             tg.create_task(self._heartbeats(), name="sim-heartbeats")

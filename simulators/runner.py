@@ -171,6 +171,25 @@ def select(district: District, only: Sequence[str]) -> list[Terminal]:
     return list(resolution.terminals)
 
 
+def parse_share(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) as (I, N); ValueError saying what is wrong."""
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+        raise ValueError(f"--share {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
+
+
+def share_of(terminals: Sequence[Terminal], share: tuple[int, int] | None) -> list[Terminal]:
+    """The terminals process I of N simulates: every N-th MQTT terminal from the I-th; process 0
+    also runs every serial bus and adapter room (their folders and ports are held by one process)."""
+    if share is None:
+        return list(terminals)
+    index, count = share
+    mqtt = [t for t in terminals if t.link == "mqtt"]
+    rest = [t for t in terminals if t.link != "mqtt"] if index == 0 else []
+    return mqtt[index::count] + rest
+
+
 def run_simulators(
     config: Config,
     district: District,
@@ -183,14 +202,21 @@ def run_simulators(
     faults_report: Path | None,
     bus_faults: str = "",
     adapter_faults: str = "",
+    share: tuple[int, int] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; return the exit code."""
-    terminals = select(district, only)
-    fault_plan = plan([t.code for t in terminals], faults, seed)
-    if faults_report is not None:
+    """Run until SIGTERM/SIGINT; return the exit code. With `share` (I, N): only this process's share."""
+    everyone = select(district, only)
+    fault_plan = plan([t.code for t in everyone], faults, seed)  # the same faults however many processes
+    terminals = share_of(everyone, share)
+    if share is not None:
+        log.info(
+            "simulator.share", share=f"{share[0]}/{share[1]}", terminals=len(terminals), of=len(everyone)
+        )
+    if faults_report is not None and (share is None or share[0] == 0):
         faults_report.write_text(json.dumps(fault_plan.summary(), indent=1))
+    mine = {t.code for t in terminals}
     for fault, codes in fault_plan.summary().items():
-        log.info("simulator.faults", fault=fault, terminals=len(codes))
+        log.info("simulator.faults", fault=fault, terminals=sum(1 for c in codes if c in mine))
     host, port, tls = parse_broker_url(broker or config.mqtt.broker)
     mqtt_terms = [t for t in terminals if t.link == "mqtt"]
     tls_context, passwords = fleet_login(config, [t.code for t in mqtt_terms], tls=tls)

@@ -253,20 +253,41 @@ def simulate(
     ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     run_dir: RunDirOpt = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="spread the MQTT terminals over this many processes")
+    ] = 1,
+    share: Annotated[str | None, typer.Option(hidden=True, help="I/N: this process's share")] = None,
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
     import structlog
 
     from ebcd.security.signing import SecurityError
-    from simulators.runner import BusDirError, run_simulators
+    from simulators.runner import BusDirError, parse_share, run_simulators
 
     _setup_logging(log_level)
     cfg, district = _load(config)
     buses = _serial_run_dir(cfg, district, config, broker, run_dir)
     if buses is not None:
         structlog.get_logger("ebcd.cli").info("serial.run_dir", run_dir=str(buses))
+    if processes > 1 and share is None:
+        from simulators.processes import run_processes
+
+        child = [sys.executable, "-m", "ebcd", "simulate", "--faults", faults, "--seed", str(seed)]
+        child += ["--bus-faults", bus_faults, "--adapter-faults", adapter_faults, "--log-level", log_level]
+        for flag, value in (("--config", config), ("--broker", broker), ("--run-dir", buses),
+                            ("--play-time", play_time)):  # fmt: skip
+            if value is not None:
+                child += [flag, str(value)]
+        for target in only or []:
+            child += ["--only", target]
+        report = ["--faults-report", str(faults_report)] if faults_report is not None else []
+        shares = [
+            [*child, *(report if i == 0 else []), "--share", f"{i}/{processes}"] for i in range(processes)
+        ]
+        raise typer.Exit(run_processes(shares))
     cfg = _adapter_run_dir(cfg, buses)
     try:
+        parsed_share = parse_share(share) if share is not None else None
         code = run_simulators(
             cfg,
             district,
@@ -278,6 +299,7 @@ def simulate(
             faults_report=faults_report,
             bus_faults=bus_faults,
             adapter_faults=adapter_faults,
+            share=parsed_share,
         )
     except (ValueError, SecurityError, BusDirError) as e:  # SecurityError: key, password, CA, cert files
         raise _fail(str(e)) from None
@@ -877,6 +899,36 @@ def topology_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         f"{counts['adapter_rooms']} through adapters)"
     )
     typer.echo(f"  terminals          {counts['terminals']}")
+
+
+@topology_app.command("generate")
+def topology_generate(
+    towns: Annotated[int, typer.Option(help="towns (1-900)")],
+    villages_per_town: Annotated[int, typer.Option(help="villages in each town (0-999)")],
+    terminals_per_village: Annotated[int, typer.Option(help="terminals in each village (0-99)")],
+    out: Annotated[Path, typer.Option(help="folder for ebcd.toml, rooms.csv and terminals.csv")],
+    terminals_per_town: Annotated[int, typer.Option(help="each town's own terminals (0-99)")] = 0,
+) -> None:
+    """Write a config and its ledgers for a district of any size, all on MQTT, by the shipped rules."""
+    from ebcd.tiers.generate import ShapeError, generate
+
+    try:
+        ledgers = generate(
+            out,
+            towns,
+            villages_per_town,
+            terminals_per_village,
+            terminals_per_town=terminals_per_town,
+            config_template=shipped_config_path(),
+        )
+    except ShapeError as e:
+        raise _fail(f"topology generate: {e}") from None
+    except OSError as e:
+        raise _fail(f"topology generate: cannot write {out}: {e.strerror or e}") from None
+    typer.echo(
+        f"{out / 'ebcd.toml'}: {towns} towns, {len(ledgers.rooms) - towns} villages, "
+        f"{len(ledgers.terminals)} terminals"
+    )
 
 
 @topology_app.command("show")

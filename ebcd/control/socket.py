@@ -48,8 +48,9 @@ SOCKET_NAME = "ebcd.sock"
 # 3 bytes each, is about 64 KB: twice that leaves it room. A connection buffers at most twice the
 # limit before it is refused, so 64 connections hold at most 16 MiB of requests.
 MAX_REQUEST_BYTES = 128 * 1024
-# The longest answer line the client reads: a report or terminal list of a large district.
-MAX_ANSWER_BYTES = 1024 * 1024
+# The longest answer line the client reads: a report or terminal list of a large district. A
+# terminal takes ~160 bytes of `ebcd terminals`: 10,000 are ~1.6 MB, this holds ~200,000.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT_S = 10.0
 # File descriptors. Each open control connection holds one, and a refused one holds one for the
 # moment it takes to answer `busy`: at most max_connections + 1, plus the listening socket. The

@@ -13,6 +13,8 @@ from ebcd.delivery.state import BUCKET, EBM_STATE, ENDED, OPEN, AState, Bucket, 
 from ebcd.model.alert import AlertRequest
 from ebcd.tiers.district import District
 
+_BUCKET_VALUE: dict[DState, str] = {state: bucket.value for state, bucket in BUCKET.items()}
+
 MAX_REFUSALS_KEPT = 1000  # per alert, for its report (each one is also a log line)
 
 
@@ -115,7 +117,8 @@ class Alert:
 
     def buckets(self) -> dict[str, str]:
         """terminal -> how it counts (acked, failed, uncertain, pending, cancelled)."""
-        return {t: d.bucket.value for t, d in self.deliveries.items()}
+        acked = Bucket.ACKED.value  # `d.bucket.value` inlined: this runs per terminal per state doc
+        return {t: acked if d.acked else _BUCKET_VALUE[d.state] for t, d in self.deliveries.items()}
 
     def note_refusal(self, terminal: str, cause: str) -> None:
         """Keep a refusal for the report (the newest MAX_REFUSALS_KEPT)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class District:
     area: str
     towns: dict[str, Town] = field(default_factory=dict)
     _terminals: dict[str, Terminal] = field(default_factory=dict)
+    _town_of: dict[str, str] = field(default_factory=dict)  # terminal -> its town, for the roll-up
     _villages: dict[str, Village] = field(default_factory=dict)
     _by_area: dict[str, Town | Village] = field(default_factory=dict)
     _ledger: tuple[Terminal, ...] = ()  # the terminals in ledger order, as `_points` numbers them
@@ -43,6 +45,7 @@ class District:
     def index(self) -> None:
         """Build the lookup tables after the ledgers are loaded."""
         self._terminals = {t.code: t for town in self.towns.values() for t in town.terminals()}
+        self._town_of = {code: t.town for code, t in self._terminals.items()}
         # The ledger does not change at run time: the coordinates become arrays once, here.
         self._ledger = tuple(self._terminals.values())
         self._points = geo.PointSet([t.lat for t in self._ledger], [t.lon for t in self._ledger])
@@ -150,9 +153,10 @@ class District:
 
     def town_tallies(self, buckets: Mapping[str, str]) -> dict[str, Tally]:
         """Per-town tallies for the towns an alert reaches (`buckets`: terminal -> bucket)."""
+        town_of = self._town_of
+        counts = Counter((town_of.get(code), bucket) for code, bucket in buckets.items())
         out: dict[str, Tally] = {}
-        for code in buckets:
-            term = self._terminals.get(code)
-            if term is not None:
-                out.setdefault(term.town, Tally()).add(buckets[code])
+        for (town, bucket), n in counts.items():
+            if town is not None:
+                out.setdefault(town, Tally()).add(bucket, n)
         return out

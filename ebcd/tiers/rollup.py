@@ -16,19 +16,19 @@ class Tally:
     pending: int = 0
     cancelled: int = 0
 
-    def add(self, bucket: str) -> None:
-        """Count one terminal whose delivery is in `bucket` (acked/failed/uncertain/pending/cancelled)."""
-        self.targets += 1
+    def add(self, bucket: str, n: int = 1) -> None:
+        """Count `n` terminals whose delivery is in `bucket` (acked/failed/uncertain/pending/cancelled)."""
+        self.targets += n
         if bucket == "acked":
-            self.acked += 1
+            self.acked += n
         elif bucket == "failed":
-            self.failed += 1
+            self.failed += n
         elif bucket == "uncertain":
-            self.uncertain += 1
+            self.uncertain += n
         elif bucket == "cancelled":
-            self.cancelled += 1
+            self.cancelled += n
         else:
-            self.pending += 1
+            self.pending += n
 
     @property
     def coverage(self) -> float:

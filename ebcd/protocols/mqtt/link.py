@@ -257,6 +257,7 @@ class MqttLink:
                 failures = 0
                 self.connects += 1
                 try:
+                    _honour_cancel()  # one that landed as the CONNACK arrived
                     await self._serve(client)
                 finally:
                     self._client = None
@@ -294,6 +295,7 @@ class MqttLink:
     async def _serve(self, client: aiomqtt.Client) -> None:
         for topic in self._subscriptions:
             await client.subscribe(topic, qos=1)
+            _honour_cancel()  # one that landed as the SUBACK arrived
         self._set_state(LinkState.CONNECTED)
         if not self._quiet:
             self._log.info("mqtt.connected", broker=f"{self._host}:{self._port}", connects=self.connects)
@@ -372,6 +374,15 @@ def _handshake_failed(error: aiomqtt.MqttError) -> bool:
     """Whether the broker took the TCP connection but refused or never answered the CONNECT
     (as a broker that speaks only MQTT 3.1.1 may do with an MQTT 5 CONNECT)."""
     return isinstance(error, aiomqtt.MqttCodeError) or str(error) == "Operation timed out"
+
+
+def _honour_cancel() -> None:
+    """Raise CancelledError if the task is being cancelled: aiomqtt awaits CONNACKs and SUBACKs with
+    asyncio.wait_for, which on Python 3.11 can swallow a cancellation that lands as the answer
+    arrives; the link would then serve for ever (seen with thousands of links connecting at once)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _stay_cancelled(error: aiomqtt.MqttError) -> None:
