@@ -58,6 +58,7 @@ StateDirOpt = Annotated[
     Path | None, typer.Option("--state-dir", help="journal and control socket (default: config)")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON only")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")]
 RunDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -409,7 +410,7 @@ def alert_send(
     origin: Annotated[
         str | None, typer.Option(help="town:CODE or village:CODE when a room broadcasts to its own area")
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")] = False,
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
@@ -679,7 +680,7 @@ def alert_resend(
         str | None,
         typer.Option(help="which terminals: uncertain, failed, refused (comma separated; default all three)"),
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="follow the alert live to its final state")] = False,
+    wait: WaitOpt = False,
     as_json: JsonOpt = False,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
