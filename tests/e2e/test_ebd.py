@@ -16,6 +16,8 @@ import pytest
 from ebcd.config import Config
 from ebcd.daemon.daemon import Daemon
 from ebcd.protocols.ebd.documents import ebm_body
+from ebcd.protocols.ebd.signature import public_pem
+from ebcd.security.signing import Sm2SigningKey
 from ebcd.tiers.district import District
 from simulators.city_platform import CityPlatform
 from tests.conftest import Mosquitto, fast_config
@@ -129,6 +131,18 @@ async def _unsent_until(daemon: Daemon, ebd_type: str, timeout_s: float) -> list
             await asyncio.sleep(0.05)
 
 
+# Another SM2 key listed this many times before the city's: every package is tried against each
+# (gmssl: ~12 ms a verification), so judging takes seconds after the raw row is journalled, and
+# the kill lands between journalling and answering on a loaded machine too.
+OTHER_KEYS = 150
+
+
+def _slow_to_verify(tmp_path: Path, city_keys: list[str]) -> list[str]:
+    other = tmp_path / "other-city.pem"
+    other.write_bytes(public_pem(Sm2SigningKey.from_scalar(0x5EED).public_key()))
+    return [str(other)] * OTHER_KEYS + city_keys
+
+
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -149,7 +163,8 @@ async def test_kill_9_between_accepting_an_ebm_and_answering_loses_nothing(
         toml += (
             f'\n[ebd]\nlisten = "{e.listen}"\nupstream_url = "{e.upstream_url}"\n'
             f'upstream_code = "{e.upstream_code}"\n'
-            f"verify_with = {json.dumps(e.verify_with)}\nreport_interval_s = 0.2\nretry_max_s = 1.0\n"
+            f"verify_with = {json.dumps(_slow_to_verify(tmp_path, e.verify_with))}\n"
+            "report_interval_s = 0.2\nretry_max_s = 1.0\n"
         )
         conf = shipped_config.base_dir / f"{tmp_path.name}-ebd.toml"  # beside the session's ledgers
         conf.write_text(toml, encoding="utf-8")
