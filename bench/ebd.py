@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fanout import free_port, wait_socket
+from fanout import free_port, send_until_all_acked, wait_socket
 
 from ebcd.config import load_config, shipped_config_path
 from ebcd.control.socket import SOCKET_NAME, ControlClient
@@ -133,19 +133,7 @@ async def main() -> None:
             await asyncio.sleep(1.5)  # its 'done' reports pass
 
             t0 = time.perf_counter()
-            answer = await client.request(
-                "send",
-                alert={
-                    "level": 4,
-                    "event_type": "00000",
-                    "test": True,
-                    "targets": [{"kind": "all"}],
-                    "text": "benchmark",
-                },
-            )
-            async for update in client.stream("watch", id=answer["id"]):
-                if update["state"]["acked"] == len(district):
-                    break
+            await send_until_all_acked(client, len(district))
             base_times.append(time.perf_counter() - t0)
             await asyncio.sleep(1.5)
     finally:

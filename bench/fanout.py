@@ -46,6 +46,23 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+async def send_until_all_acked(client: ControlClient, terminals: int) -> None:
+    """A district-wide test alert through the control socket, followed until `terminals` acked it."""
+    answer = await client.request(
+        "send",
+        alert={
+            "level": 4,
+            "event_type": "00000",
+            "test": True,
+            "targets": [{"kind": "all"}],
+            "text": "benchmark",
+        },
+    )
+    async for update in client.stream("watch", id=answer["id"]):
+        if update["state"]["acked"] == terminals:
+            break
+
+
 async def wait_socket(client: ControlClient, online: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,19 +108,7 @@ async def measure_daemon(
         for _ in range(runs):
             c0 = cpu_s(daemon.pid)
             t0 = time.perf_counter()
-            answer = await client.request(
-                "send",
-                alert={
-                    "level": 4,
-                    "event_type": "00000",
-                    "test": True,
-                    "targets": [{"kind": "all"}],
-                    "text": "benchmark",
-                },
-            )
-            async for update in client.stream("watch", id=answer["id"]):
-                if update["state"]["acked"] == terminals:
-                    break
+            await send_until_all_acked(client, terminals)
             times.append(time.perf_counter() - t0)
             cpus.append(cpu_s(daemon.pid) - c0)
             await asyncio.sleep(1.0)  # let the 'done' reports of this alert pass
