@@ -23,7 +23,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ebcd.protocols.mqtt import properties as fast_properties
+
 log = structlog.get_logger("ebcd.mqtt")
+_FAST_PROPERTIES: bool | None = None  # installed once per process, on the first MQTT 5 link
 
 DISCONNECT_TIMEOUT_S = 2.0
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5: keep a persistent session as MQTT 3.1.1 does
@@ -142,6 +145,8 @@ class MqttLink:
         self.connects = 0
         self.dropped = 0
         self._log = log.bind(client_id=client_id)
+        if self._v5:
+            _install_fast_properties()
 
     # -- publishing ------------------------------------------------------------------------
     @property
@@ -490,6 +495,14 @@ async def probe_publish(
             await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_TIMEOUT_S)
         except (TimeoutError, aiomqtt.MqttError):
             _abandon(client)
+
+
+def _install_fast_properties() -> None:
+    global _FAST_PROPERTIES  # a process-wide patch of paho, made once
+    if _FAST_PROPERTIES is None:
+        _FAST_PROPERTIES = fast_properties.install()
+        if not _FAST_PROPERTIES:
+            log.info("mqtt.properties_fast_path_unavailable", hint="this paho version decodes as before")
 
 
 def _ack_unheld_at_once(client: aiomqtt.Client, held: frozenset[str]) -> None:
