@@ -22,6 +22,8 @@ NOT_SENT_YET = "not sent yet"
 def pending_reasons(alert: Alert, holders: Holders) -> list[dict[str, Any]]:
     """The pending deliveries grouped by why they wait, the largest group first."""
     why: Counter[str] = Counter()
+    if not alert.counts[Bucket.PENDING]:
+        return []  # (the usual case once an alert is out: nothing to walk)
     for d in alert.deliveries.values():
         if d.bucket is not Bucket.PENDING:
             continue

@@ -5,6 +5,8 @@ Plain data with derived views; only `ebcd.delivery.core` changes these, through 
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +14,7 @@ from ebcd.delivery.records import AlertRecord, DeliveryRecord
 from ebcd.delivery.state import BUCKET, EBM_STATE, ENDED, OPEN, AState, Bucket, DState, Progress
 from ebcd.model.alert import AlertRequest
 from ebcd.tiers.district import District
+from ebcd.tiers.rollup import Tally
 
 _BUCKET_VALUE: dict[DState, str] = {state: bucket.value for state, bucket in BUCKET.items()}
 
@@ -104,6 +107,10 @@ class Alert:
     open: int = 0  # deliveries with work ahead
     left: dict[str, Delivery] = field(default_factory=dict)  # terminals an update took out of the area
     refusals: list[tuple[str, str]] = field(default_factory=list)  # (terminal, cause) of refusals heard
+    # the roll-up by town, kept up to date from the moves between buckets since the last state
+    # document (a document costs the towns and the moves, not every terminal); None until the first
+    _towns: Counter[tuple[str | None, Bucket]] | None = None
+    _moves: list[tuple[str, Bucket, int]] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -114,6 +121,28 @@ class Alert:
     def targets(self) -> int:
         """Terminals addressed by the current revision."""
         return len(self.deliveries)
+
+    def count(self, terminal: str, bucket: Bucket, n: int) -> None:
+        """`n` (1 or -1) deliveries more in `bucket`: the core calls this for every change of bucket."""
+        self.counts[bucket] += n
+        if self._towns is not None:
+            self._moves.append((terminal, bucket, n))
+
+    def town_tallies(self, town_of: Mapping[str, str]) -> dict[str, Tally]:
+        """How the alert stands in each town it reaches (`town_of`: terminal -> town, the same
+        mapping at every call: the district's)."""
+        if self._towns is None:
+            self._towns = Counter((town_of.get(code), d.bucket) for code, d in self.deliveries.items())
+        else:
+            towns = self._towns
+            for code, bucket, n in self._moves:
+                towns[(town_of.get(code), bucket)] += n
+        self._moves.clear()
+        out: dict[str, Tally] = {}
+        for (town, bucket), n in self._towns.items():
+            if town is not None and n:
+                out.setdefault(town, Tally()).add(bucket.value, n)
+        return out
 
     def buckets(self) -> dict[str, str]:
         """terminal -> how it counts (acked, failed, uncertain, pending, cancelled)."""
@@ -147,7 +176,7 @@ class Alert:
         targets = self.targets
         towns = {
             code: {"name": district.towns[code].name, **t.as_dict()}
-            for code, t in sorted(district.town_tallies(self.buckets()).items())
+            for code, t in sorted(self.town_tallies(district.town_of).items())
         }
         req = self.request
         c = self.counts

@@ -442,8 +442,8 @@ class Core:
             if d.due is not None:
                 self._push(d.due, alert.id, d.terminal, d.gen)
         if d.bucket is not old_bucket:
-            alert.counts[old_bucket] -= 1
-            alert.counts[d.bucket] += 1
+            alert.count(d.terminal, old_bucket, -1)
+            alert.count(d.terminal, d.bucket, 1)
         alert.open += int(d.open) - int(old_open)
         if old_holds and not d.holds:
             self._release(d.terminal, alert.id)
@@ -753,7 +753,7 @@ class Core:
 
     def _add_delivery(self, alert: Alert, d: Delivery) -> None:
         alert.deliveries[d.terminal] = d
-        alert.counts[d.bucket] += 1
+        alert.count(d.terminal, d.bucket, 1)
         alert.open += int(d.open)
         self._by_terminal.setdefault(d.terminal, set()).add(alert.id)
         alert.left.pop(d.terminal, None)
@@ -764,7 +764,7 @@ class Core:
         self._out.transitions.append(
             Transition(d.state, None, d.record(alert.id, alert.revision, left=True), now)
         )
-        alert.counts[d.bucket] -= 1
+        alert.count(code, d.bucket, -1)
         alert.open -= int(d.open)
         alert.left[code] = d
         self._release(code, alert.id)

@@ -151,6 +151,11 @@ class District:
             t.add(bucket)
         return t
 
+    @property
+    def town_of(self) -> Mapping[str, str]:
+        """terminal code -> the code of its town."""
+        return self._town_of
+
     def town_tallies(self, buckets: Mapping[str, str]) -> dict[str, Tally]:
         """Per-town tallies for the towns an alert reaches (`buckets`: terminal -> bucket)."""
         town_of = self._town_of

@@ -24,9 +24,23 @@ from ebcd.delivery.alerts import Alert, Delivery
 from ebcd.delivery.core import Core, Policy
 from ebcd.delivery.records import DeliveryRecord, Play
 from ebcd.delivery.state import AState, Bucket, DState, Progress
+from ebcd.tiers.rollup import Tally
 
 if TYPE_CHECKING:
     from tests.delivery.sim import Key, Terminal
+
+
+class _TownOf(dict[str, str]):
+    """Simulated terminals in three made-up towns, by a fixed rule on their codes."""
+
+    def __missing__(self, code: str) -> str:
+        return f"town-{sum(map(ord, code)) % 3}"
+
+    def get(self, code: str, default: str | None = None) -> str:  # type: ignore[override]
+        return self[code]
+
+
+TOWN_OF = _TownOf()
 
 
 class Broken(AssertionError):
@@ -195,6 +209,11 @@ class Checks:
             raise self.fail(f"{alert.id} counts {alert.counts} but its deliveries count {dict(counts)}")
         if sum(alert.counts.values()) != alert.targets:
             raise self.fail(f"{alert.id} counts {alert.counts} for {alert.targets} targets")
+        towns: dict[str, Tally] = {}  # the roll-up by town, kept from the moves, against a recount
+        for code, d in alert.deliveries.items():
+            towns.setdefault(TOWN_OF[code], Tally()).add(d.bucket.value)
+        if (kept := alert.town_tallies(TOWN_OF)) != towns:
+            raise self.fail(f"{alert.id} rolls up to {kept} by town, its deliveries to {towns}")
         opened = sum(d.open for d in alert.deliveries.values())
         if alert.open != opened:
             raise self.fail(f"{alert.id} keeps open={alert.open} but {opened} deliveries are open")
