@@ -333,10 +333,9 @@ class Runner:
         self.metrics.unexpected.labels(note.kind).inc()
 
     def _journal_and_count(self, transitions: list[Transition]) -> None:
-        journal = self._journal()
         wall = self.wall()
+        self._journal().record_deliveries([delivery_row(t, wall) for t in transitions])
         for t in transitions:
-            journal.record_delivery(delivery_row(t, wall))
             r = t.record
             if t.old is r.state and t.event is not DEvent.ACK:
                 continue

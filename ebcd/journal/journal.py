@@ -28,6 +28,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, NamedTuple, Self
@@ -386,6 +387,10 @@ class Journal:
     def record_delivery(self, row: dict[str, Any]) -> None:
         """Queue the whole state of a delivery (the keys of `delivery_row`) without blocking."""
         self._worker.append(row)
+
+    def record_deliveries(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Queue the states of several deliveries, in order, without blocking (one queue op)."""
+        self._worker.append_many(rows)
 
     async def flush(self) -> None:
         """Return when everything queued before it is durable; JournalError if a transition was lost."""

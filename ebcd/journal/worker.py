@@ -16,10 +16,11 @@ loop never touches SQLite. If opening fails, the thread ends and `start()` raise
 the journal".
 
 The queue and its bound. Every call becomes an `_Op` on one FIFO `queue.SimpleQueue`: WRITE and
-READ carry statements and are awaited; APPEND carries one row for the owner's `append_statements`
-and is not awaited; FLUSH and CLOSE are markers. Nothing is ever dropped. Past `max_queue_ops`
-queued ops, an awaited call waits for room before queueing (an event set after every batch; the
-time is counted in `stats.backpressure_wait_s`). `append()` never blocks the loop, so its producer
+READ carry statements and are awaited; APPEND carries rows for the owner's `append_statements`
+(one, or every row of one burst: one op, not one per row) and is not awaited; FLUSH and CLOSE
+are markers. Nothing is ever dropped. Past `max_queue_ops` queued ops, an awaited call waits
+for room before queueing (an event set after every batch; the time is counted in
+`stats.backpressure_wait_s`). `append()` never blocks the loop, so its producer
 should `await flush()` after each burst, which is where it meets the bound. Closing wakes the
 waiters, which then fail with "closed".
 
@@ -63,7 +64,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -115,7 +116,7 @@ class _Kind(enum.Enum):
 @dataclass(slots=True)
 class _Op:
     kind: _Kind
-    args: Any = ()  # statements for WRITE and READ, the row for APPEND
+    args: Any = ()  # statements for WRITE and READ, the list of rows for APPEND
     future: asyncio.Future[Any] | None = None
 
 
@@ -196,8 +197,13 @@ class StoreWorker:
 
     def append(self, row: Row) -> None:
         """Queue a row for the append statements without blocking; `await flush()` to know it is durable."""
+        self.append_many((row,))
+
+    def append_many(self, rows: Sequence[Row]) -> None:
+        """Queue rows for the append statements, in order, as one op; never blocks."""
         self._check_open()
-        self._queue.put(_Op(_Kind.APPEND, row))
+        if rows:
+            self._queue.put(_Op(_Kind.APPEND, list(rows)))
 
     async def flush(self) -> None:
         """Return when everything queued before it is durable; the error if an appended row was lost."""
@@ -248,7 +254,7 @@ class StoreWorker:
         stats.ops += len(report.outcomes)
         stats.failed_transactions += report.failures
         stats.lost_transitions += sum(
-            1 for o in report.outcomes if o.op.kind is _Kind.APPEND and o.error is not None
+            len(o.op.args) for o in report.outcomes if o.op.kind is _Kind.APPEND and o.error is not None
         )
         self._room.set()
         for latency_s, rows in report.commits:
@@ -308,7 +314,7 @@ class StoreWorker:
             _rollback(conn)
         for outcome in report.outcomes:  # a flush fails if an append queued before it was lost
             if outcome.op.kind is _Kind.APPEND and outcome.error is not None:
-                self._lost_since_flush += 1
+                self._lost_since_flush += len(outcome.op.args)
             elif outcome.op.kind is _Kind.FLUSH and self._lost_since_flush and outcome.error is None:
                 lost, self._lost_since_flush = self._lost_since_flush, 0
                 outcome.error = self._error(f"{lost} transitions could not be journalled")
@@ -328,9 +334,10 @@ class StoreWorker:
             _rollback(conn)
             report.failures += 1
             self._log.error("journal.commit_failed", error=str(exc), ops=len(batch))
-            if len(batch) > 1 and isinstance(exc, _OP_ERRORS):
-                for op in batch:  # one op per transaction, so only the culprit fails
-                    self._execute(conn, [op], report)
+            if isinstance(exc, _OP_ERRORS) and (len(batch) > 1 or len(_singles(batch[0])) > 1):
+                for op in batch:  # one op (one appended row) per transaction: only the culprit fails
+                    for single in _singles(op):
+                        self._execute(conn, [single], report)
             else:  # busy, I/O, full, corrupt: the database failed, not one op
                 error = self._error(f"journal: {exc}")
                 report.outcomes.extend(_Outcome(op, error=error) for op in batch)
@@ -346,7 +353,7 @@ class StoreWorker:
         rows: list[Row] = []
         for op in ops:
             if op.kind is _Kind.APPEND:
-                rows.append(op.args)  # written together with the next non-append op
+                rows.extend(op.args)  # written together with the next non-append op
                 outcomes.append(_Outcome(op))
                 continue
             self._write_appended(conn, rows)
@@ -379,6 +386,13 @@ class StoreWorker:
             self._log.warning("journal.loop_closed", ops=len(report.outcomes))
 
 
+def _singles(op: _Op) -> list[_Op]:
+    """An append of several rows as one op per row (the op itself otherwise)."""
+    if op.kind is not _Kind.APPEND or len(op.args) == 1:
+        return [op]
+    return [_Op(_Kind.APPEND, [row]) for row in op.args]
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         try:
@@ -394,7 +408,7 @@ class NullWorker(StoreWorker):
         super().__init__(path, **config)
         self._ids = itertools.count(1)
 
-    def append(self, row: Row) -> None:
+    def append_many(self, rows: Sequence[Row]) -> None:
         """Keep nothing."""
         self._check_open()
 

@@ -18,6 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ebcd.delivery.records import DeliveryRecord
+from ebcd.delivery.records import Transition as CoreTransition
+from ebcd.delivery.recovery import delivery_row
+from ebcd.delivery.state import DEvent, DState
 from ebcd.journal import journal as store
 from ebcd.journal.journal import (
     SCHEMA_VERSION,
@@ -276,6 +280,24 @@ async def test_lost_transition_fails_the_next_flush(journal: Journal, db_path: P
     await journal.flush()  # the loss is reported once
     assert sorted(await journal.deliveries("A1")) == ["T1", "T3"]
     assert journal.stats.lost_transitions == 1
+
+
+async def test_one_bad_row_of_a_burst_loses_that_row_only(journal: Journal, db_path: Path) -> None:
+    good = _delivery_rows(["T1", "T3"])
+    _inject_failure(db_path, "transitions", "state", "boom")
+    bad = {**good[0], "terminal": "T2", "state": "boom"}
+    journal.record_deliveries([good[0], bad, good[1]])  # one queue op for the three rows
+    with pytest.raises(JournalError, match="1 transitions could not be journalled"):
+        await journal.flush()
+    assert sorted(await journal.deliveries("A1")) == ["T1", "T3"]
+    assert journal.stats.lost_transitions == 1
+
+
+def _delivery_rows(terminals: list[str]) -> list[dict[str, Any]]:
+    def sent(t: str) -> DeliveryRecord:
+        return DeliveryRecord("A1", t, 1, DState.SENT, None, False, False, False, 1, 0, None, False)
+
+    return [delivery_row(CoreTransition(DState.PENDING, DEvent.SEND, sent(t), 1.0), 1.0) for t in terminals]
 
 
 async def test_a_locked_database_fails_the_batch_then_recovers(
