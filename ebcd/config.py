@@ -295,6 +295,11 @@ class JournalConfig(_Strict):
     # this many days since their last change; None: kept forever
     alert_retention_days: float | None = Field(default=None, gt=0)
     retention_interval_s: float = Field(default=3600.0, gt=0)  # between two pruning passes
+    # delivery transitions (not awaited by anyone) wait up to this long to be committed with the
+    # ones behind them: a burst of reports becomes one transaction and one fsync, not one each.
+    # What a kill -9 can lose grows by as much (a lost transition means one re-send, which the
+    # terminal answers from what it remembers); decisions (accept, cancel, ...) never wait for it
+    group_commit_ms: float = Field(default=5.0, ge=0, le=1000)
 
 
 class SimulatorConfig(_Strict):

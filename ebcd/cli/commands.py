@@ -1021,7 +1021,7 @@ def journal_stats(state_dir: StateDirOpt = None, config: ConfigOpt = None, as_js
             stats = reader.stats()
     except JournalUnavailable as e:
         raise _fail(str(e)) from None
-    doc = stats.as_dict() | {"retention": cfg.journal.model_dump(mode="json")}
+    doc = stats.as_dict() | {"retention": cfg.journal.model_dump(mode="json", exclude={"group_commit_ms"})}
     if as_json:
         _print_json(doc)
         return

@@ -347,7 +347,11 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         on_commit = lambda latency_s, rows: self.metrics.journal_latency.observe(latency_s)  # noqa: E731
         if self.journal_enabled:
-            self._journal = await Journal.open(self.state_dir / "journal.sqlite3", on_commit=on_commit)
+            self._journal = await Journal.open(
+                self.state_dir / "journal.sqlite3",
+                on_commit=on_commit,
+                group_commit_s=self.config.journal.group_commit_ms / 1000,
+            )
         else:
             self._journal = await NullJournal.open()
         await self._recover()

@@ -267,7 +267,9 @@ class Journal:
     enabled: ClassVar[bool] = True
     _worker_class: ClassVar[type[StoreWorker]] = StoreWorker
 
-    def __init__(self, path: Path, synchronous: Synchronous, max_queue_ops: int) -> None:
+    def __init__(
+        self, path: Path, synchronous: Synchronous, max_queue_ops: int, group_commit_s: float = 0.0
+    ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise JournalError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.path = path
@@ -281,6 +283,7 @@ class Journal:
             error=JournalError,
             setup=functools.partial(_migrate, path=path),
             append_statements=(_INSERT_TRANSITION, _UPSERT_DELIVERY),
+            group_commit_s=group_commit_s,
         )
         self.stats: JournalStats = self._worker.stats
         self._log = log.bind(journal=str(path))
@@ -293,9 +296,11 @@ class Journal:
         synchronous: Synchronous = "FULL",
         max_queue_ops: int = DEFAULT_MAX_QUEUE_OPS,
         on_commit: OnCommit | None = None,
+        group_commit_s: float = 0.0,
     ) -> Self:
-        """Open (creating or migrating) the journal at `path` and start its writer thread."""
-        self = cls(path, synchronous, max_queue_ops)
+        """Open (creating or migrating) the journal at `path` and start its writer thread;
+        `group_commit_s`: how long queued transitions may wait to be committed with the next."""
+        self = cls(path, synchronous, max_queue_ops, group_commit_s)
         self.on_commit = on_commit
         await self._worker.start()  # returns once the thread has connected and migrated
         self._log.info("journal.opened", synchronous=synchronous, schema_version=SCHEMA_VERSION)

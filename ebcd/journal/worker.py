@@ -148,6 +148,7 @@ class StoreWorker:
         error: type[Exception],
         setup: Setup,
         append_statements: tuple[str, ...],
+        group_commit_s: float = 0.0,
     ) -> None:
         self.path = path
         self.synchronous: Synchronous = synchronous
@@ -158,6 +159,7 @@ class StoreWorker:
         self._error = error
         self._setup = setup
         self._append_statements = append_statements
+        self._group_commit_s = group_commit_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue_ops = max_queue_ops
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
@@ -299,9 +301,13 @@ class StoreWorker:
 
     def _serve_batch(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> bool:
         batch = [self._queue.get()]
+        # group commit: rows nobody awaits wait up to `group_commit_s` for the rows behind them,
+        # so that a burst of reports is one transaction, not one each; an awaited op ends the wait
+        deadline = time.monotonic() + self._group_commit_s
         while len(batch) < MAX_BATCH_OPS and batch[-1].kind is not _Kind.CLOSE:
+            wait = deadline - time.monotonic() if batch[-1].kind is _Kind.APPEND else 0.0
             try:
-                batch.append(self._queue.get_nowait())
+                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
         report = _BatchReport()
