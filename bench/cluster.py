@@ -287,7 +287,12 @@ class Fleet:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
-            p.wait(60)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:  # seen once: its asyncio signal wakeup pipe was full
+                print(f"simulator {p.pid} still running 30 s after SIGTERM: killed", file=sys.stderr)
+                p.kill()
+                p.wait()
 
 
 class DoneWatch:
