@@ -170,9 +170,12 @@ async def measure_size(size: int, opts: argparse.Namespace, work: Path) -> dict[
         out["cpu_s"], out["done_cpu_s"] = statistics.median(cpus), statistics.median(done_cpus)
         out["sim_cpu_s"], out["broker_cpu_s"] = statistics.median(sim_cpus), statistics.median(broker_cpus)
         out["rss_mb"], out["peak_rss_mb"] = rss_mb(daemon.pid)
+        progress(size, "daemon CPU to idle after the last 'done'", out["done_cpu_s"])
         out.update(await measure_recovery(daemon, district.code, port, size))
+        progress(size, "kill -9 to the first re-send", out["recovery_resend_s"])
         daemon.stop()
         out["bare"] = await measure_bare("127.0.0.1", port, district.code, codes, opts.runs)
+        progress(size, "bare fan-out", out["bare"]["median_s"])
         out["dropped"] = await brokers.dropped()
     finally:
         daemon.stop()
@@ -222,39 +225,40 @@ async def main() -> None:
     )
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ebcd-scale-"))
-    results = {}
-    for size in (int(s) for s in opts.sizes.split(",")):
-        results[size] = await measure_size(size, opts, work)
     print(
         f"{os.cpu_count()} cores, journal on, MQTT 5, {opts.runs} alerts each, "
-        f"{opts.processes} simulator processes"
+        f"{opts.processes} simulator processes (at least one an edge)",
+        flush=True,
     )
-    for size, r in results.items():
-        if isinstance(r, str):
-            print(f"{size:9} {r}")
-            continue
-        print(
-            f"{size:9} terminals on {r['brokers']}, simulators in {r['shares']} processes; CPU seconds "
-            f"during one alert to its last ack: daemon {r['cpu_s']:.2f} ({r['done_cpu_s']:.2f} to idle after "
-            f"the last 'done'), simulators {r['sim_cpu_s']:.2f}, Mosquitto {r['broker_cpu_s']:.2f}; bare "
-            f"client {r['bare']['cpu_s']:.2f}; messages the brokers dropped: {r['dropped']}"
-        )
+    for size in (int(s) for s in opts.sizes.split(",")):
+        report(size, await measure_size(size, opts, work))
+
+
+def report(size: int, r: dict[str, Any] | str) -> None:
+    """One size's figures, printed as soon as they are measured."""
+    if isinstance(r, str):
+        print(f"{size:9} {r}", flush=True)
+        return
+    print(
+        f"{size:9} terminals on {r['brokers']}, simulators in {r['shares']} processes; CPU seconds "
+        f"during one alert to its last ack: daemon {r['cpu_s']:.2f} ({r['done_cpu_s']:.2f} to idle after "
+        f"the last 'done'), simulators {r['sim_cpu_s']:.2f}, Mosquitto {r['broker_cpu_s']:.2f}; bare "
+        f"client {r['bare']['cpu_s']:.2f}; messages the brokers dropped: {r['dropped']}"
+    )
     print(
         f"{'terminals':>9} {'ledger s':>8} {'start s':>7} {'online s':>8} {'last ack s':>10} {'bare s':>7} "
         f"{'time/bare':>9} {'ms cpu/ack':>10} {'bare':>6} {'cpu/bare':>8} {'RSS MB':>7} {'peak MB':>7} "
         f"{'kill->serve s':>13} {'kill->resend s':>14}"
     )
-    for size, r in results.items():
-        if isinstance(r, str):
-            continue
-        b = r["bare"]
-        print(
-            f"{size:9} {r['ledger_s']:8.2f} {r['startup_s']:7.2f} {r['all_online_s']:8.1f} "
-            f"{r['median_s']:10.3f} {b['median_s']:7.3f} {r['median_s'] / b['median_s']:9.2f} "
-            f"{1000 * r['cpu_s'] / size:10.3f} "
-            f"{1000 * b['cpu_s'] / size:6.3f} {r['cpu_s'] / b['cpu_s']:8.2f} {r['rss_mb']:7.0f} "
-            f"{r['peak_rss_mb']:7.0f} {r['recovery_serving_s']:13.2f} {r['recovery_resend_s']:14.2f}"
-        )
+    b = r["bare"]
+    print(
+        f"{size:9} {r['ledger_s']:8.2f} {r['startup_s']:7.2f} {r['all_online_s']:8.1f} "
+        f"{r['median_s']:10.3f} {b['median_s']:7.3f} {r['median_s'] / b['median_s']:9.2f} "
+        f"{1000 * r['cpu_s'] / size:10.3f} "
+        f"{1000 * b['cpu_s'] / size:6.3f} {r['cpu_s'] / b['cpu_s']:8.2f} {r['rss_mb']:7.0f} "
+        f"{r['peak_rss_mb']:7.0f} {r['recovery_serving_s']:13.2f} {r['recovery_resend_s']:14.2f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
