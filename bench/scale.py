@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
 """Scale benchmark: generated districts of 10,000 terminals and more, all on MQTT, one machine.
 
-    python -m bench.scale [--sizes 10000,18000] [--runs 3] [--processes 4]
+    python -m bench.scale [--sizes 10000,30000,50000] [--runs 3] [--processes 4] [--edges auto|K]
 
-For each size: `ebcd topology generate` writes the district (50 villages a town, 10 terminals a
-village), a private Mosquitto starts, `ebcd simulate --processes N` connects the terminals from
-N processes, and `ebcd run` serves them (journal on, MQTT 5). Prints, per size: the ledger load
-alone; the daemon's start-up (process start to its control socket answering, and to every
-terminal's birth seen); the time from `alert send` to the last terminal acknowledged (= latency
-of the last ack) and its ratio to a bare aiomqtt fan-out at the same size in the same run; the
-daemon's CPU per acknowledgement against the bare client's; its resident memory (now and peak);
-and recovery: the daemon killed with SIGKILL mid-alert, restarted at once, the time from the kill
-to serving again and to the first command it re-sends. Prints figures; asserts nothing.
-
-One Mosquitto holds one connection per terminal, so the size is bounded by the broker's open
-file limit (RLIMIT_NOFILE); a size above it is skipped with that reason printed.
+For each size: a generated district (50 villages a town, 10 terminals a village, as `ebcd topology
+generate` writes it), private brokers (bench/cluster.py: one Mosquitto while one holds every
+connection under RLIMIT_NOFILE, else K edge Mosquittos of at most 15,000 terminals bridged to one
+core; `--edges K` forces K), `ebcd simulate --share I/N` children each connected to its edge, and
+`ebcd run` on the core (journal on, MQTT 5). Prints, per size: which brokers it used and what they
+dropped; the ledger load alone; the daemon's start-up (process start to its control socket
+answering, and to every terminal's birth seen); the time from `alert send` to the last terminal
+acknowledged (= latency of the last ack) and its ratio to a bare aiomqtt fan-out at the same size,
+same brokers, same run; the daemon's CPU per acknowledgement (send to the last ack) against the bare
+client's, and its CPU to idle after the last 'done'; its resident memory (now and peak); and
+recovery: the daemon killed with SIGKILL mid-alert, restarted at once, the time from the kill to
+serving again and to the first command it re-sends. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
-import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -37,15 +34,11 @@ from typing import Any
 
 import aiomqtt
 
-from bench.fanout import cpu_s, free_port, measure_bare
-from ebcd.config import load_config, shipped_config_path
+from bench.cluster import Brokers, DoneWatch, Fleet, cpu_s, cpu_when_idle, edges_for, generated
+from bench.fanout import measure_bare, send_all, until_acked
+from ebcd.config import load_config
 from ebcd.control.socket import SOCKET_NAME, ControlClient
-from ebcd.tiers.generate import generate
 from ebcd.tiers.loader import load_district
-
-VILLAGES_PER_TOWN = 50
-TERMINALS_PER_VILLAGE = 10
-FD_HEADROOM = 200  # the broker's own files, listeners and the daemon's connection
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -60,14 +53,6 @@ def progress(size: int, what: str, seconds: float) -> None:
     print(f"[{size}] {what}: {seconds:.2f} s", file=sys.stderr, flush=True)
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its children (the simulator supervisor and its shares)."""
-    total = cpu_s(pid)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        total += cpu_s(int(child))
-    return total
-
-
 async def until_answers(client: ControlClient, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -80,28 +65,14 @@ async def until_answers(client: ControlClient, timeout_s: float = 120) -> None:
     raise SystemExit("the daemon did not answer on its control socket")
 
 
-async def until_online(client: ControlClient, count: int, timeout_s: float = 300) -> None:
+async def until_online(client: ControlClient, count: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         t = await client.request("terminals")
         if sum(1 for x in t["terminals"] if x["state"] == "online") >= count:
             return
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
     raise SystemExit(f"fewer than {count} terminals came online")
-
-
-async def send_all(client: ControlClient, text: str) -> str:
-    answer = await client.request(
-        "send",
-        alert={"level": 4, "event_type": "00000", "test": True, "targets": [{"kind": "all"}], "text": text},
-    )
-    return str(answer["id"])
-
-
-async def until_acked(client: ControlClient, alert_id: str, count: int) -> None:
-    async for update in client.stream("watch", id=alert_id):
-        if update["state"]["acked"] >= count:
-            return
 
 
 class Daemon:
@@ -155,72 +126,62 @@ class CommandWatch:
 
 
 async def measure_size(size: int, opts: argparse.Namespace, work: Path) -> dict[str, Any] | str:
-    towns = size // (VILLAGES_PER_TOWN * TERMINALS_PER_VILLAGE)
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if size + FD_HEADROOM > limit:
-        return f"skipped: one Mosquitto needs a file per connection, RLIMIT_NOFILE here is {limit}"
+    try:
+        edges = edges_for(size, opts.edges)
+    except SystemExit as e:
+        return f"skipped: {e}"
     folder = work / f"d{size}"
-    generate(folder, towns, VILLAGES_PER_TOWN, TERMINALS_PER_VILLAGE, config_template=shipped_config_path())
-    config_path = folder / "ebcd.toml"
-    toml = config_path.read_text(encoding="utf-8")
-    assert "ack_timeout_s = 5.0" in toml, "the shipped [delivery] ack_timeout_s moved: update bench/scale.py"
-    config_path.write_text(toml.replace("ack_timeout_s = 5.0", f"ack_timeout_s = {opts.ack_timeout}"))
+    config_path = generated(folder, size, opts.ack_timeout)
     t0 = time.perf_counter()
     district = load_district(load_config(config_path))
     ledger_s = time.perf_counter() - t0
     codes = [t.code for t in district.terminals()]
-    port = free_port()
-    (folder / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 0\n"
-    )
-    mosq = subprocess.Popen(
-        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(folder / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    broker = f"mqtt://127.0.0.1:{port}"
-    with (folder / "sim.log").open("ab") as err:
-        sims = subprocess.Popen(
-            [sys.executable, "-m", "ebcd", "simulate", "-c", str(config_path), "--broker", broker,
-             "--play-time", "0.2", "--log-level", "warning", "--processes", str(opts.processes)],
-            stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-    daemon = Daemon(config_path, broker, folder / "state", folder / "daemon.log")
-    out: dict[str, Any] = {"terminals": size, "ledger_s": ledger_s}
+    brokers = Brokers(folder, district.code, edges)
+    await brokers.start()
+    port = brokers.core.port
+    sims = Fleet(config_path, brokers, opts.processes, folder / "sim.log").start()
+    watch = DoneWatch(port, f"ebc/v1/{district.code}", size)
+    await watch.start()
+    daemon = Daemon(config_path, f"mqtt://127.0.0.1:{port}", folder / "state", folder / "daemon.log")
+    out: dict[str, Any] = {"terminals": size, "ledger_s": ledger_s, "brokers": brokers.describe()}
+    out["shares"] = sims.shares
     try:
         t_start = daemon.start()
         await until_answers(daemon.client)
         out["startup_s"] = time.perf_counter() - t_start
         progress(size, "serving", time.perf_counter() - t_start)
-        await until_online(daemon.client, size)
+        await until_online(daemon.client, size, max(300.0, size / 50))
         out["all_online_s"] = time.perf_counter() - t_start
         progress(size, "all online", time.perf_counter() - t_start)
-        times, cpus, sim_cpus, broker_cpus = [], [], [], []
+        times, cpus, done_cpus, sim_cpus, broker_cpus = [], [], [], [], []
         for i in range(opts.runs):
-            c0, s0, b0, t0 = cpu_s(daemon.pid), tree_cpu_s(sims.pid), cpu_s(mosq.pid), time.perf_counter()
+            c0, s0, b0, t0 = cpu_s(daemon.pid), sims.cpu_s(), brokers.cpu_s(), time.perf_counter()
             alert = await send_all(daemon.client, f"scale {i}")
             await until_acked(daemon.client, alert, size)
             times.append(time.perf_counter() - t0)
             cpus.append(cpu_s(daemon.pid) - c0)
-            sim_cpus.append(tree_cpu_s(sims.pid) - s0)
-            broker_cpus.append(cpu_s(mosq.pid) - b0)
+            sim_cpus.append(sims.cpu_s() - s0)
+            broker_cpus.append(brokers.cpu_s() - b0)
             progress(size, "alert acked", times[-1])
-            await asyncio.sleep(1.0)  # let the 'done' reports of this alert pass
+            await watch.until_done(alert, 60 + size / 100)
+            done_cpu, _ = await cpu_when_idle(daemon.pid)
+            done_cpus.append(done_cpu - c0)
         out["median_s"], out["max_s"] = statistics.median(times), max(times)
-        out["cpu_s"] = statistics.median(cpus)
+        out["cpu_s"], out["done_cpu_s"] = statistics.median(cpus), statistics.median(done_cpus)
         out["sim_cpu_s"], out["broker_cpu_s"] = statistics.median(sim_cpus), statistics.median(broker_cpus)
         out["rss_mb"], out["peak_rss_mb"] = rss_mb(daemon.pid)
+        progress(size, "daemon CPU to idle after the last 'done'", out["done_cpu_s"])
         out.update(await measure_recovery(daemon, district.code, port, size))
+        progress(size, "kill -9 to the first re-send", out["recovery_resend_s"])
         daemon.stop()
         out["bare"] = await measure_bare("127.0.0.1", port, district.code, codes, opts.runs)
+        progress(size, "bare fan-out", out["bare"]["median_s"])
+        out["dropped"] = await brokers.dropped()
     finally:
         daemon.stop()
-        sims.send_signal(signal.SIGTERM)
-        sims.wait(60)
-        mosq.terminate()
-        mosq.wait(30)
+        await watch.stop()
+        sims.stop()
+        brokers.stop()
     return out
 
 
@@ -257,44 +218,47 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10000,30000,50000", help="terminals, comma-separated")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--processes", type=int, default=4, help="simulator processes")
+    parser.add_argument("--processes", type=int, default=4, help="simulator processes (at least one an edge)")
+    parser.add_argument("--edges", default="auto", help="edge brokers: auto (past the file limit) or K")
     parser.add_argument(
         "--ack-timeout", type=float, default=30.0, help="[delivery] ack_timeout_s (shipped: 5, for 769)"
     )
     opts = parser.parse_args()
-    logging.getLogger("mqtt").setLevel(logging.ERROR)  # the bare client's "N pending publish calls"
     work = Path(tempfile.mkdtemp(prefix="ebcd-scale-"))
-    results = {}
-    for size in (int(s) for s in opts.sizes.split(",")):
-        results[size] = await measure_size(size, opts, work)
     print(
         f"{os.cpu_count()} cores, journal on, MQTT 5, {opts.runs} alerts each, "
-        f"{opts.processes} simulator processes"
+        f"{opts.processes} simulator processes (at least one an edge)",
+        flush=True,
+    )
+    for size in (int(s) for s in opts.sizes.split(",")):
+        report(size, await measure_size(size, opts, work))
+
+
+def report(size: int, r: dict[str, Any] | str) -> None:
+    """One size's figures, printed as soon as they are measured."""
+    if isinstance(r, str):
+        print(f"{size:9} {r}", flush=True)
+        return
+    print(
+        f"{size:9} terminals on {r['brokers']}, simulators in {r['shares']} processes; CPU seconds "
+        f"during one alert to its last ack: daemon {r['cpu_s']:.2f} ({r['done_cpu_s']:.2f} to idle after "
+        f"the last 'done'), simulators {r['sim_cpu_s']:.2f}, Mosquitto {r['broker_cpu_s']:.2f}; bare "
+        f"client {r['bare']['cpu_s']:.2f}; messages the brokers dropped: {r['dropped']}"
     )
     print(
         f"{'terminals':>9} {'ledger s':>8} {'start s':>7} {'online s':>8} {'last ack s':>10} {'bare s':>7} "
         f"{'time/bare':>9} {'ms cpu/ack':>10} {'bare':>6} {'cpu/bare':>8} {'RSS MB':>7} {'peak MB':>7} "
         f"{'kill->serve s':>13} {'kill->resend s':>14}"
     )
-    for size, r in results.items():
-        if isinstance(r, str):
-            print(f"{size:9} {r}")
-            continue
-        print(
-            f"{size:9} terminals, CPU seconds during one alert: daemon {r['cpu_s']:.2f}, simulators "
-            f"{r['sim_cpu_s']:.2f}, Mosquitto {r['broker_cpu_s']:.2f}; bare client {r['bare']['cpu_s']:.2f}"
-        )
-    for size, r in results.items():
-        if isinstance(r, str):
-            continue
-        b = r["bare"]
-        print(
-            f"{size:9} {r['ledger_s']:8.2f} {r['startup_s']:7.2f} {r['all_online_s']:8.1f} "
-            f"{r['median_s']:10.3f} {b['median_s']:7.3f} {r['median_s'] / b['median_s']:9.2f} "
-            f"{1000 * r['cpu_s'] / size:10.3f} "
-            f"{1000 * b['cpu_s'] / size:6.3f} {r['cpu_s'] / b['cpu_s']:8.2f} {r['rss_mb']:7.0f} "
-            f"{r['peak_rss_mb']:7.0f} {r['recovery_serving_s']:13.2f} {r['recovery_resend_s']:14.2f}"
-        )
+    b = r["bare"]
+    print(
+        f"{size:9} {r['ledger_s']:8.2f} {r['startup_s']:7.2f} {r['all_online_s']:8.1f} "
+        f"{r['median_s']:10.3f} {b['median_s']:7.3f} {r['median_s'] / b['median_s']:9.2f} "
+        f"{1000 * r['cpu_s'] / size:10.3f} "
+        f"{1000 * b['cpu_s'] / size:6.3f} {r['cpu_s'] / b['cpu_s']:8.2f} {r['rss_mb']:7.0f} "
+        f"{r['peak_rss_mb']:7.0f} {r['recovery_serving_s']:13.2f} {r['recovery_resend_s']:14.2f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
