@@ -21,17 +21,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ebcd.config import Config, OperatorConfig, UpstreamSender
 from ebcd.ingest import IngestError, Reason
-from ebcd.ingest.xmldsig import CapSignatureCheck
 from ebcd.model.alert import AlertRequest, Origin, parse_target
 from ebcd.security.mqtt_auth import read_secret
 from ebcd.security.signing import SecurityError
 from ebcd.tiers.district import District
 from ebcd.tiers.terminal import Terminal
+
+if TYPE_CHECKING:  # lxml, signxml and cryptography's x509: only for senders that sign (signed_by)
+    from ebcd.ingest.xmldsig import CapSignatureCheck
 
 log = structlog.get_logger("ebcd.authority")
 
@@ -105,6 +108,8 @@ class UpstreamAuthority:
             area = _area(district, sender.area, where)
             check = None
             if sender.signed_by:
+                from ebcd.ingest.xmldsig import CapSignatureCheck
+
                 paths = [Path(p) if Path(p).is_absolute() else config.base_dir / p for p in sender.signed_by]
                 try:
                     check = CapSignatureCheck.from_files(

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import start_http_server
@@ -46,8 +46,6 @@ from ebcd.journal.retention import run_retention
 from ebcd.metrics import Metrics
 from ebcd.model.alert import AlertRequest
 from ebcd.model.backoff import Backoff
-from ebcd.platform.platform import EbdPlatform
-from ebcd.platform.server import EbdServer
 from ebcd.protocols.adapter import address as adapter_address
 from ebcd.protocols.adapter.frame import SignedData
 from ebcd.protocols.adapter.link import AdapterLink
@@ -62,7 +60,11 @@ from ebcd.security.bench import BENCH, signer_from
 from ebcd.security.mqtt_auth import read_secret, tls_context
 from ebcd.security.reports import report_verifier_from
 from ebcd.tiers.district import District
-from ebcd.web.server import WebServer, ledger_doc, parse_listen
+
+if TYPE_CHECKING:  # aiohttp and the EBD stack load only where [ebd] listen or [web] listen is set
+    from ebcd.platform.platform import EbdPlatform
+    from ebcd.platform.server import EbdServer
+    from ebcd.web.server import WebServer
 
 log = structlog.get_logger("ebcd.daemon")
 
@@ -213,20 +215,7 @@ class Daemon:
         self.scheduler = Scheduler(
             config=config, runner=self.runner, admission=self.admission, metrics=self.metrics
         )
-        self.ebd = (  # the platform above, EBD over HTTP (ebcd.platform); off unless [ebd] listen is set
-            None
-            if config.ebd.listen is None
-            else EbdPlatform(
-                config=config,
-                district=district,
-                admission=self.admission,
-                runner=self.runner,
-                core=self.core,
-                metrics=self.metrics,
-                journal=lambda: self.journal,
-                signer=self.runner.signer,
-            )
-        )
+        self.ebd = self._ebd_platform()  # the platform above, EBD over HTTP; off unless [ebd] listen is set
         self.ebd_server: EbdServer | None = None
         self.control = ControlHandler(
             district=district,
@@ -253,6 +242,22 @@ class Daemon:
     ) -> Alert:
         """Accept an alert (or an update or cancel of one) durably, or raise IngestError."""
         return await self.admission.submit(request, source=source, actor=actor, scope=scope)
+
+    def _ebd_platform(self) -> EbdPlatform | None:
+        if self.config.ebd.listen is None:
+            return None
+        from ebcd.platform.platform import EbdPlatform
+
+        return EbdPlatform(
+            config=self.config,
+            district=self.district,
+            admission=self.admission,
+            runner=self.runner,
+            core=self.core,
+            metrics=self.metrics,
+            journal=lambda: self.journal,
+            signer=self.runner.signer,
+        )
 
     def _serial_masters(self) -> dict[str, SerialBusMaster]:
         sc = self.config.serial
@@ -403,6 +408,8 @@ class Daemon:
                 "operators.open", hint="no [[operators]] listed: the control socket acts for the district"
             )
         if self.ebd is not None:
+            from ebcd.platform.server import EbdServer
+
             await self.ebd.recover()
             self.ebd_server = EbdServer(self.ebd.receive, max_body_bytes=self.config.ebd.max_package_bytes)
             host, _, port = (self.config.ebd.listen or "").rpartition(":")
@@ -525,6 +532,8 @@ class Daemon:
         web = self.config.web
         if web.listen is None:
             return None
+        from ebcd.web.server import WebServer, ledger_doc, parse_listen
+
         host, port = parse_listen(web.listen)
         token = read_secret(web.token_file, base=self.config.base_dir, key="[web] token_file")
         dr = self.config.duty_room

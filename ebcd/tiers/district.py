@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ebcd.model.alert import CircleTarget, CodeTarget, PolygonTarget
 from ebcd.model.codes import AREA_CODE_DIGITS, EBRID_DIGITS, Level, area_level
-from ebcd.tiers import geo
 from ebcd.tiers.rollup import Tally
 from ebcd.tiers.terminal import Terminal
 from ebcd.tiers.town import Town
 from ebcd.tiers.village import Village
+
+if TYPE_CHECKING:  # numpy (geo) is loaded by the first polygon or circle target, not at start-up
+    from ebcd.tiers import geo
 
 AnyTarget = CodeTarget | PolygonTarget | CircleTarget
 
@@ -40,15 +41,14 @@ class District:
     _villages: dict[str, Village] = field(default_factory=dict)
     _by_area: dict[str, Town | Village] = field(default_factory=dict)
     _ledger: tuple[Terminal, ...] = ()  # the terminals in ledger order, as `_points` numbers them
-    _points: geo.PointSet = field(default_factory=lambda: geo.PointSet((), ()))
+    _points: geo.PointSet | None = None  # built by the first polygon or circle target
 
     def index(self) -> None:
         """Build the lookup tables after the ledgers are loaded."""
         self._terminals = {t.code: t for town in self.towns.values() for t in town.terminals()}
         self._town_of = {code: t.town for code, t in self._terminals.items()}
-        # The ledger does not change at run time: the coordinates become arrays once, here.
         self._ledger = tuple(self._terminals.values())
-        self._points = geo.PointSet([t.lat for t in self._ledger], [t.lon for t in self._ledger])
+        self._points = None
         self._villages = {v.code: v for t in self.towns.values() for v in t.villages.values()}
         self._by_area = {t.area: t for t in self.towns.values()}
         self._by_area.update({v.area: v for v in self._villages.values()})
@@ -103,9 +103,9 @@ class District:
 
     def _resolve_one(self, target: AnyTarget) -> Iterable[Terminal]:
         if isinstance(target, PolygonTarget):
-            return self._chosen(self._points.in_polygon(target.points))
+            return self._chosen(self._point_set().in_polygon(target.points))
         if isinstance(target, CircleTarget):
-            return self._chosen(self._points.within_km(target.lat, target.lon, target.radius_km))
+            return self._chosen(self._point_set().within_km(target.lat, target.lon, target.radius_km))
         code = target.code or ""
         if target.kind == "all":
             return self._terminals.values()
@@ -120,10 +120,18 @@ class District:
             return village.terminals if village else []
         return self._resolve_area(code)
 
+    def _point_set(self) -> geo.PointSet:
+        """The terminals' coordinates as arrays, made once (the ledger does not change at run time)."""
+        if self._points is None:
+            from ebcd.tiers import geo  # numpy: only areas drawn on the map need it
+
+            self._points = geo.PointSet([t.lat for t in self._ledger], [t.lon for t in self._ledger])
+        return self._points
+
     def _chosen(self, mask: geo.BoolArray) -> list[Terminal]:
         """The terminals a mask over `_points` selects, in ledger order."""
         ledger = self._ledger
-        return [ledger[i] for i in np.flatnonzero(mask).tolist()]
+        return [ledger[i] for i in mask.nonzero()[0].tolist()]
 
     def _resolve_area(self, code: str) -> Iterable[Terminal]:
         if len(code) == EBRID_DIGITS:

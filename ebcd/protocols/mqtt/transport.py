@@ -51,9 +51,11 @@ class MqttTransport:
             for room in rooms:
                 self._link.enqueue(self._topics.group_cmd(room), payload)
                 self._metrics.commands.labels("group").inc()
+        enqueue, topic = self._link.enqueue, self._topics.terminal_cmd
         for t in rest:
-            self._link.enqueue(self._topics.terminal_cmd(t.code), payload)
-            self._metrics.commands.labels("terminal").inc()
+            enqueue(topic(t.code), payload)
+        if rest:  # one counter update for the lot: a re-send after recovery is thousands at once
+            self._metrics.commands.labels("terminal").inc(len(rest))
 
     def _cover(self, terminals: Sequence[Terminal]) -> tuple[list[str], list[Terminal]]:
         wanted = {t.code for t in terminals}
