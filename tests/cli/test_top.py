@@ -207,9 +207,15 @@ def test_enter_on_a_partial_alert_lists_its_terminals_without_acknowledgement(ro
 
     top.wait(f"{alert_id} partial at {settled}", partial)
     top("send-keys", "-t", top.name, "Enter")
-    screen = top.wait("the terminals without acknowledgement", lambda s: room.offline[0] in s)
+    more_line = r"… and (\d+) more terminal\(s\): ebcd report " + re.escape(alert_id)
+
+    def listed(screen: str) -> bool:  # tmux may be read while curses is still drawing the view
+        drawn = all(code in screen for code in room.offline) or re.search(more_line, screen)
+        return room.offline[0] in screen and bool(drawn)
+
+    screen = top.wait("the terminals without acknowledgement, all or with a count", listed)
     shown = [code for code in room.offline if code in screen]
-    more = re.search(r"… and (\d+) more terminal\(s\): ebcd report " + re.escape(alert_id), screen)
+    more = re.search(more_line, screen)
     assert len(shown) + (int(more.group(1)) if more else 0) == len(room.offline), (
         screen
     )  # none hidden silently
