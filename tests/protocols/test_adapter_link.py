@@ -54,6 +54,7 @@ class Rig:
     presences: list[TerminalPresence] = field(default_factory=list)
     failed: list[tuple[str, list[str], str]] = field(default_factory=list)
     unknown: list[tuple[list[str], str]] = field(default_factory=list)
+    serving: asyncio.Task[None] | None = None  # the listener's run()
 
     def statuses(self, status: AckStatus) -> set[str]:
         return {r.terminal for r in self.reports if r.status is status}
@@ -123,6 +124,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
         r = Rig(transport, listener, simulator, metrics)
         holder.append(r)
         tasks = [asyncio.create_task(listener.run()), asyncio.create_task(link.run())]
+        r.serving = tasks[0]
         await asyncio.wait_for(listener.ready.wait(), 10)
         if simulator is not None:
             await simulator.start()
@@ -261,6 +263,26 @@ async def test_garbage_past_the_bound_disconnects_the_peer(rig: Callable[..., ob
     answer = await asyncio.wait_for(reader.readexactly(93), 10)
     assert answer[0] == 0x49
     assert answer[3] == 0x21
+    writer.close()
+
+
+async def test_a_stopping_listener_closes_its_connections_and_their_handlers_end(
+    rig: Callable[..., object],
+) -> None:
+    r: Rig = await rig(sim=False)  # type: ignore[misc]
+    assert r.listener.bound_port is not None
+    assert r.serving is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.listener.bound_port)
+    writer.write(encode_frame(Frame(HEAD_ADAPTER, 0x20, encode_body(Heartbeat(ROOM, 1, 0)), source=2)))
+    await writer.drain()
+    await asyncio.wait_for(reader.readexactly(93), 10)  # answered: its handler is reading again
+    assert r.listener.open_connections == 1
+    r.serving.cancel()
+    await asyncio.gather(r.serving, return_exceptions=True)
+    # no handler left blocked in a read for the loop's shutdown to cancel (an error asyncio logs)
+    assert r.listener.open_connections == 0
+    await asyncio.wait_for(reader.read(), 10)  # the rest of the answer, then
+    assert reader.at_eof()  # the adapter sees the daemon go
     writer.close()
 
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -65,6 +66,7 @@ log = structlog.get_logger("ebcd.adapter")
 READ_CHUNK_BYTES = 4096
 SILENT_AFTER_HEARTBEATS = 3
 SWEEP_S = 1.0
+CLOSE_TIMEOUT_S = 2.0  # for the handlers of open connections to finish at shutdown
 
 
 @dataclass(slots=True)
@@ -134,6 +136,7 @@ class AdapterListener:
             if v.link == "adapter"
         }
         self.open_connections = 0
+        self._serving: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}  # open connections
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
         metrics.dropped.labels("adapter")
@@ -154,6 +157,16 @@ class AdapterListener:
                     self.sweep()
         finally:
             server.close()
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        """End every open connection and let its handler finish: one left blocked in a read would
+        be cancelled by the loop's shutdown, which asyncio's stream server reports as an error."""
+        serving = dict(self._serving)
+        for writer in serving:
+            writer.close()
+        if serving:
+            await asyncio.wait(serving.values(), timeout=CLOSE_TIMEOUT_S)
 
     def sweep(self) -> None:
         """Rooms silent for three heartbeat periods: their terminals are unknown."""
@@ -174,6 +187,9 @@ class AdapterListener:
             writer.close()
             return
         self.open_connections += 1
+        task = asyncio.current_task()
+        if task is not None:  # always, in a handler the server started
+            self._serving[writer] = task
         decoder = FrameDecoder(heads=(HEAD_ADAPTER,))
         seen: set[str] = set()  # rooms heard on this connection: a new connection is a new session
         try:
@@ -206,6 +222,7 @@ class AdapterListener:
             log.info("adapter.connection_lost", peer=str(peer), error=str(exc))
         finally:
             self.open_connections -= 1
+            self._serving.pop(writer, None)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
