@@ -382,13 +382,25 @@ def demo(
     faults: Annotated[str, typer.Option(help="fault profile for the simulated terminals")] = "none",
     state_dir: StateDirOpt = None,
     config: DemoConfigOpt = None,
+    embedded_broker: Annotated[
+        bool,
+        typer.Option(
+            "--embedded-broker", help="the pure-Python broker (amqtt) even where Mosquitto is installed"
+        ),
+    ] = False,
 ) -> None:
-    """Zero set-up: broker, daemon, 769 simulated terminals, a district-wide test alert, coverage."""
+    """Zero set-up: broker, daemon, 769 simulated terminals, a district-wide test alert, coverage.
+
+    Without --broker it starts its own broker: Mosquitto when installed, else amqtt."""
     from ebcd.cli.demo import run_demo
 
     raise typer.Exit(
         run_demo(
-            config_path=config or shipped_config_path(), broker=broker, faults=faults, state_dir=state_dir
+            config_path=config or shipped_config_path(),
+            broker=broker,
+            faults=faults,
+            state_dir=state_dir,
+            embedded=embedded_broker,
         )
     )
 

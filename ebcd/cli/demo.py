@@ -16,10 +16,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
+from ebcd.cli.broker import DemoBroker
 from ebcd.cli.render import follow, print_report
 from ebcd.config import load_config
 from ebcd.control.socket import SOCKET_NAME, ControlClient, NoDaemon
@@ -28,6 +28,7 @@ from ebcd.tiers.loader import load_district
 console = Console(stderr=True)
 TEST_TEXT = "应急广播系统测试，请勿惊慌。This is a test of the district emergency broadcasting system."
 START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0  # the daemon's own shutdown grace is 10 s
 
 
 def free_port() -> int:
@@ -37,8 +38,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_demo(*, config_path: Path, broker: str | None, faults: str, state_dir: Path | None) -> int:
-    """Run the whole demonstration; 0 when every reachable terminal acknowledged."""
+def run_demo(
+    *, config_path: Path, broker: str | None, faults: str, state_dir: Path | None, embedded: bool = False
+) -> int:
+    """Run the whole demonstration; 0 when every reachable terminal acknowledged.
+
+    Without `broker`, the demo starts its own: Mosquitto when installed, else (or with
+    `embedded`) amqtt inside this process."""
     config = load_config(config_path)
     district = load_district(config)
     work = state_dir or Path(tempfile.mkdtemp(prefix="ebcd-demo-"))
@@ -48,16 +54,18 @@ def run_demo(*, config_path: Path, broker: str | None, faults: str, state_dir: P
         f"{sum(len(t.villages) for t in district.towns.values())} villages, {len(district)} terminals"
     )
     console.print(f"logs, journal and simulated serial buses in {work}")
-    return asyncio.run(_demo(config_path, broker, faults, work, len(district)))
+    return asyncio.run(_demo(config_path, broker, faults, work, len(district), embedded))
 
 
-async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, terminals: int) -> int:
-    embedded = None
+async def _demo(
+    config_path: Path, broker: str | None, faults: str, work: Path, terminals: int, embedded: bool
+) -> int:
+    own = None
     if broker is None:
-        port = free_port()
-        broker = f"mqtt://127.0.0.1:{port}"
-        embedded = await _start_broker(port)
-        console.print(f"embedded MQTT broker (amqtt) on {broker}")
+        own = DemoBroker(free_port(), work, embedded=embedded)
+        await own.start()
+        broker = own.url
+        console.print(f"MQTT broker: {own.describe()}")
     procs: list[subprocess.Popen[bytes]] = []
     run_dir = (work / "serial").absolute()  # this demo's buses: never another run's
     web = f"127.0.0.1:{free_port()}"  # the wall screen's page, on for the demo
@@ -80,8 +88,8 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
                     str(run_dir),
                     "--web-listen",
                     web,
-                    # amqtt speaks MQTT 3.1.1 only; an external broker gets the config's choice
-                    *(["--mqtt-protocol", "3.1.1"] if embedded is not None else []),
+                    # amqtt speaks MQTT 3.1.1 only; any other broker gets the config's choice
+                    *(["--mqtt-protocol", "3.1.1"] if own is not None and not own.speaks_v5 else []),
                 ],
                 work / "daemon.log",
             )
@@ -139,16 +147,24 @@ async def _demo(config_path: Path, broker: str | None, faults: str, work: Path, 
         )
         return 0 if final["state"] == "completed" or (final["acked"] and not missed_online) else 3
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if embedded is not None:
-            await embedded.shutdown()
+        await _stop(procs)
+        if own is not None:
+            await own.stop()
+
+
+async def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every child and wait for them without blocking the loop: an embedded broker
+    serves the daemon's last words (its retained `offline` status) from this very loop."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(p.wait), STOP_TIMEOUT_S)
+        except TimeoutError:
+            what = " ".join(str(a) for a in p.args[3:5])  # type: ignore[index]
+            console.print(f"[yellow]{what} did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM; killed")
+            p.kill()
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -192,20 +208,3 @@ async def _wait_online(client: ControlClient, expected: int, procs: list[subproc
                     return online
             await asyncio.sleep(0.3)
     return online
-
-
-async def _start_broker(port: int) -> Any:
-    import logging
-
-    from amqtt.broker import Broker
-
-    for name in ("amqtt", "transitions"):  # clients leaving at the end make it log PUBACK time-outs
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    broker = Broker(
-        {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}", "max_connections": 5000}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
-    )
-    await broker.start()
-    return broker

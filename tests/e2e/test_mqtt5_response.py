@@ -98,11 +98,11 @@ async def test_response_topic_and_correlation_data_are_honoured(
 async def test_the_daemon_falls_back_to_mqtt_311_on_a_broker_that_refuses_5(
     shipped_config: Config, district: District, tmp_path: Path
 ) -> None:
-    from ebcd.cli.demo import _start_broker
+    from ebcd.cli.broker import start_amqtt
     from tests.conftest import free_port
 
     port = free_port()
-    broker = await _start_broker(port)  # amqtt: MQTT 3.1.1 only
+    broker = await start_amqtt(port)  # amqtt: MQTT 3.1.1 only
     try:
         async with running_daemon(
             fast_config(shipped_config), district, f"mqtt://127.0.0.1:{port}", tmp_path
