@@ -81,6 +81,7 @@ Synchronous = Literal["FULL", "NORMAL"]
 OnCommit = Callable[[float, int], None]
 Statement = tuple[str, tuple[Any, ...]]
 Row = Mapping[str, Any]  # one row for the append statements (named parameters)
+AppendWriter = Callable[[sqlite3.Connection, Sequence[Row]], None]
 Setup = Callable[[sqlite3.Connection], None]
 
 # Errors that one op causes (a constraint, a value SQLite cannot bind); others fail the whole batch.
@@ -149,6 +150,7 @@ class StoreWorker:
         setup: Setup,
         append_statements: tuple[str, ...],
         group_commit_s: float = 0.0,
+        append_writer: AppendWriter | None = None,
     ) -> None:
         self.path = path
         self.synchronous: Synchronous = synchronous
@@ -159,11 +161,13 @@ class StoreWorker:
         self._error = error
         self._setup = setup
         self._append_statements = append_statements
+        self._append_writer = append_writer  # writes appended rows its own way, instead of executemany
         self._group_commit_s = group_commit_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue_ops = max_queue_ops
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._room = asyncio.Event()
+        self._urgent = threading.Event()  # an op someone awaits is queued: end the group-commit wait
         self._closing = False
         self._thread: threading.Thread | None = None
         self._lost_since_flush = 0  # writer thread only
@@ -216,6 +220,7 @@ class StoreWorker:
         if not self._closing:
             self._closing = True
             self._queue.put(_Op(_Kind.CLOSE))
+            self._urgent.set()
             self._room.set()  # producers waiting for room now fail with "closed"
         if self._thread is not None:  # it ends after serving the close marker
             await asyncio.to_thread(self._thread.join)
@@ -241,6 +246,7 @@ class StoreWorker:
             self._check_open()
         op.future = self._loop.create_future()
         self._queue.put(op)
+        self._urgent.set()
         return await op.future
 
     def _on_batch(self, report: _BatchReport) -> None:
@@ -301,13 +307,16 @@ class StoreWorker:
 
     def _serve_batch(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> bool:
         batch = [self._queue.get()]
-        # group commit: rows nobody awaits wait up to `group_commit_s` for the rows behind them,
-        # so that a burst of reports is one transaction, not one each; an awaited op ends the wait
-        deadline = time.monotonic() + self._group_commit_s
+        if batch[0].kind is _Kind.APPEND and self._group_commit_s > 0:
+            # group commit: rows nobody awaits wait up to `group_commit_s` for the rows behind
+            # them, so that a burst of reports is one transaction, not one each. The thread sleeps
+            # through the window: the appends behind do not wake it (one wake-up per batch, not
+            # per report, each taking the interpreter lock from the loop); an awaited op does.
+            self._urgent.wait(self._group_commit_s)
+        self._urgent.clear()  # before taking the queue: a later set is for an op not yet taken
         while len(batch) < MAX_BATCH_OPS and batch[-1].kind is not _Kind.CLOSE:
-            wait = deadline - time.monotonic() if batch[-1].kind is _Kind.APPEND else 0.0
             try:
-                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         report = _BatchReport()
@@ -381,7 +390,9 @@ class StoreWorker:
         return outcomes
 
     def _write_appended(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
-        if rows:
+        if rows and self._append_writer is not None:
+            self._append_writer(conn, rows)
+        elif rows:
             for statement in self._append_statements:
                 conn.executemany(statement, rows)
 
