@@ -298,8 +298,8 @@ class MqttLink:
                 sock.close()
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        for topic in self._subscriptions:
-            await client.subscribe(topic, qos=1)
+        if self._subscriptions:  # one SUBSCRIBE for all: one round trip before the first send
+            await client.subscribe([(topic, 1) for topic in self._subscriptions])
             _honour_cancel()  # one that landed as the SUBACK arrived
         self._set_state(LinkState.CONNECTED)
         if not self._quiet:
