@@ -10,6 +10,7 @@ dropped quietly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -239,8 +240,7 @@ class MqttLink:
             max_inflight_messages=max(20, self._workers),
             timeout=10,
         )
-        if self._held:
-            _ack_unheld_at_once(client, self._held)
+        self._hand_over_directly(client)
         return client
 
     async def run(self) -> None:
@@ -304,13 +304,15 @@ class MqttLink:
         self._set_state(LinkState.CONNECTED)
         if not self._quiet:
             self._log.info("mqtt.connected", broker=f"{self._host}:{self._port}", connects=self.connects)
-        if self._on_connect:
-            await self._on_connect()
         # Not a TaskGroup: a lost connection must surface here as a plain MqttError for run().
+        # The workers first: what was queued while disconnected (re-sends after a restart) goes
+        # out now, not after the round trips of `on_connect`.
         workers = [
             asyncio.create_task(self._publisher(client), name=f"mqtt-pub-{i}") for i in range(self._workers)
         ]
         try:
+            if self._on_connect:
+                await self._on_connect()
             await self._receive(client)
         finally:
             for w in workers:
@@ -318,27 +320,53 @@ class MqttLink:
             await asyncio.gather(*workers, return_exceptions=True)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        handler = self._on_message
-        manual = bool(self._held)
+        """The held messages, in order, through aiomqtt's queue (the others never reach it)."""
+        on_held = self._on_held
         async for message in client.messages:
-            held = manual and message.topic.value in self._held and self._on_held is not None
-            if held or handler is not None:
-                self._hand_over(client, message, held=held)
+            if on_held is None:
+                continue
+            payload = message.payload
+            if isinstance(payload, str):
+                data = payload.encode()
+            elif isinstance(payload, bytes | bytearray):
+                data = bytes(payload)
+            else:
+                data = b"" if payload is None else str(payload).encode()
+            ack = functools.partial(_ack, client._client, message.mid, message.qos)
+            on_held(message.topic.value, data, message.retain, message.properties, ack)
 
-    def _hand_over(self, client: aiomqtt.Client, message: aiomqtt.Message, *, held: bool) -> None:
-        payload = message.payload
-        if isinstance(payload, str):
-            data = payload.encode()
-        elif isinstance(payload, bytes | bytearray):
-            data = bytes(payload)
-        else:
-            data = b"" if payload is None else str(payload).encode()
-        topic = message.topic.value
-        if held and self._on_held is not None:
-            paho, mid, qos = client._client, message.mid, message.qos
-            self._on_held(topic, data, message.retain, message.properties, lambda: _ack(paho, mid, qos))
-        elif self._on_message is not None:
-            self._on_message(topic, data, message.retain, message.properties)
+    def _hand_over_directly(self, client: aiomqtt.Client) -> None:
+        """Every message not held goes to `on_message` from paho's callback, as it is read off the
+        socket, not through aiomqtt's queue and its per-message objects: terminal reports are most
+        of what the daemon reads, and nothing about handling them awaits. Held messages still go
+        through the queue, and are acknowledged (PUBACK) only when their handler says so; the
+        others are acknowledged as they are read, as paho would, not when our loop gets to them,
+        else a busy loop would fill the broker's in-flight window with acknowledgements not yet
+        sent, and it would stop sending."""
+        paho = client._client
+        held, on_held, handler = self._held, self._on_held, self._on_message
+        manual = bool(held) and on_held is not None
+        if manual:
+            paho.manual_ack_set(True)
+        queue_it = paho.on_message  # aiomqtt's: into client.messages
+        log_ = self._log
+
+        def on_message(c: Any, userdata: Any, message: Any) -> None:
+            topic = message.topic
+            if manual and topic in held:
+                if queue_it is not None:
+                    queue_it(c, userdata, message)
+                return
+            if manual and message.qos:
+                c.ack(message.mid, message.qos)
+            if handler is None:
+                return
+            try:
+                handler(topic, message.payload, message.retain, message.properties)
+            except Exception:  # a bug in a handler: never into paho's reader, which would stop
+                log_.exception("mqtt.handler_failed", topic=topic)
+
+        paho.on_message = on_message
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         me = asyncio.current_task()
@@ -503,20 +531,3 @@ def _install_fast_properties() -> None:
         _FAST_PROPERTIES = fast_properties.install()
         if not _FAST_PROPERTIES:
             log.info("mqtt.properties_fast_path_unavailable", hint="this paho version decodes as before")
-
-
-def _ack_unheld_at_once(client: aiomqtt.Client, held: frozenset[str]) -> None:
-    """Manual PUBACKs for the held topics only: every other message is acknowledged as it is read
-    off the socket, as paho would, not when our loop gets to it. Otherwise a busy loop would fill
-    the broker's in-flight window with acknowledgements not yet sent, and it would stop sending."""
-    paho = client._client
-    paho.manual_ack_set(True)
-    inner = paho.on_message
-
-    def on_message(c: Any, userdata: Any, message: Any) -> None:
-        if inner is not None:
-            inner(c, userdata, message)
-        if message.qos and message.topic not in held:
-            c.ack(message.mid, message.qos)
-
-    paho.on_message = on_message

@@ -1,0 +1,76 @@
+"""What the link reads: all its topics from one SUBSCRIBE; messages handed over as paho reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aiomqtt
+import pytest
+import structlog
+
+from ebcd.protocols.mqtt.link import MqttLink
+from tests.conftest import Mosquitto
+from tests.helpers import wait_for
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_every_topic_of_the_one_subscribe_delivers(mosquitto: Mosquitto, protocol: str) -> None:
+    base = f"ebcd-test/{uuid.uuid4().hex}"
+    heard: list[tuple[str, bytes]] = []
+    link = MqttLink(
+        host=mosquitto.host,
+        port=mosquitto.port,
+        client_id=f"sub-{uuid.uuid4().hex[:8]}",
+        subscriptions=[f"{base}/alerts", f"{base}/reports/+", f"{base}/presence/#"],
+        on_message=lambda topic, payload, _r, _p: heard.append((topic, payload)),
+        protocol=protocol,
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        await wait_for(link.connected.is_set, 10)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+            for topic in (f"{base}/presence/t/1", f"{base}/alerts", f"{base}/reports/t1", f"{base}/other"):
+                await c.publish(topic, topic.encode(), qos=1)
+            await wait_for(lambda: len(heard) == 3, 10)
+        assert sorted(t for t, _ in heard) == [f"{base}/alerts", f"{base}/presence/t/1", f"{base}/reports/t1"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_handler_that_fails_is_logged_and_the_next_message_still_arrives(
+    mosquitto: Mosquitto,
+) -> None:
+    topic = f"ebcd-test/{uuid.uuid4().hex}"
+    heard: list[bytes] = []
+
+    def handler(_topic: str, payload: bytes, _retain: bool, _props: object) -> None:
+        if payload == b"bad":
+            raise ValueError("a bug in the handler")
+        heard.append(payload)
+
+    link = MqttLink(
+        host=mosquitto.host,
+        port=mosquitto.port,
+        client_id=f"recv-{uuid.uuid4().hex[:8]}",
+        subscriptions=[topic],
+        on_message=handler,
+        protocol="5",
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await wait_for(link.connected.is_set, 10)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+                for payload in (b"one", b"bad", b"two"):
+                    await c.publish(topic, payload, qos=1)
+                await wait_for(lambda: len(heard) == 2, 10)
+        assert heard == [b"one", b"two"]
+        failed = [e for e in logs if e["event"] == "mqtt.handler_failed"]
+        assert [e["topic"] for e in failed] == [topic]
+        assert link.connected.is_set()  # the connection was not dropped over it
+        assert link.connects == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
