@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from ebcd.config import Config, parse_broker_url
+from ebcd.daemon.signals import on_stop_signals
 from ebcd.log import log_tasks
 from ebcd.model.alert import parse_target
 from ebcd.protocols.adapter import address as adapter_address
@@ -309,9 +310,7 @@ async def _run(
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, log_tasks)  # `kill -USR2`: every task
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    undo_signals = on_stop_signals(asyncio.get_running_loop(), stop.set)
     task: asyncio.Task[None] | None = None
     try:
         for port, bus in buses:
@@ -340,4 +339,5 @@ async def _run(
             await bus.close()
         for adapter in adapters:
             await adapter.close()
+        undo_signals()
     log.info("simulator.stopped", plays=sum(fleet.plays().values()))

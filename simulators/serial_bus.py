@@ -26,7 +26,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import tty
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import structlog
 
+from ebcd.daemon.signals import on_stop_signals
 from ebcd.protocols.serial.frame import (
     MAX_REMAINING_S,
     Body,
@@ -505,9 +505,7 @@ async def _serve(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    on_stop_signals(asyncio.get_running_loop(), stop.set)  # for the life of this process
     async with sim:
         if args.listen:
             host, _, port = args.listen.rpartition(":")

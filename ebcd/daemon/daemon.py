@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from ebcd.control.duty import links_doc
 from ebcd.control.handler import ControlHandler
 from ebcd.control.socket import SOCKET_NAME, serve
 from ebcd.daemon.health import JournalHealth
+from ebcd.daemon.signals import on_stop_signals
 from ebcd.daemon.terminals import TerminalTraffic
 from ebcd.delivery.alerts import Alert
 from ebcd.delivery.core import Core, Policy
@@ -361,8 +361,7 @@ class Daemon:
             self._journal = await NullJournal.open()
         await self._recover()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+        undo_signals = on_stop_signals(loop, self.stop)
         dc = self.config.daemon
         server = await serve(
             self.state_dir / SOCKET_NAME,
@@ -440,8 +439,7 @@ class Daemon:
         except* _Shutdown:
             pass
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            undo_signals()
             server.close()
             if web is not None:
                 await web.close()
