@@ -74,3 +74,36 @@ async def test_a_handler_that_fails_is_logged_and_the_next_message_still_arrives
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_kept_session_delivers_what_was_queued_both_ways(mosquitto: Mosquitto) -> None:
+    base = f"ebcd-test/{uuid.uuid4().hex}"
+    heard: list[bytes] = []
+    link = MqttLink(
+        host=mosquitto.host,
+        port=mosquitto.port,
+        client_id=f"kept-{uuid.uuid4().hex[:8]}",
+        subscriptions=[f"{base}/report"],
+        on_message=lambda _t, payload, _r, _p: heard.append(payload),
+        clean_session=False,
+        protocol="5",
+    )
+    task = asyncio.create_task(link.run())
+    await wait_for(link.connected.is_set, 10)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+        await c.subscribe(f"{base}/cmd", qos=1)
+        await c.publish(f"{base}/report", b"while away", qos=1)  # the broker keeps it for the link
+        assert link.enqueue(f"{base}/cmd", b"re-send", qos=1)  # queued while disconnected
+        task = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(10):
+                async for message in c.messages:
+                    assert message.payload == b"re-send"
+                    break
+            await wait_for(lambda: heard == [b"while away"], 10)
+            assert link._session_present
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -120,6 +120,7 @@ class MqttLink:
     ) -> None:
         self._host, self._port, self._client_id = host, port, client_id
         self._subscriptions = list(subscriptions)
+        self._session_present = False  # the last CONNACK's: the broker kept our session
         self._on_message = on_message
         # messages on these topics are acknowledged (PUBACK) only when their handler calls ack(),
         # so that a broker redelivers what was never kept; every other message after its handler
@@ -241,6 +242,15 @@ class MqttLink:
             timeout=10,
         )
         self._hand_over_directly(client)
+        self._session_present = False
+        hear_connack = client._client.on_connect  # aiomqtt's
+
+        def on_connect(c: Any, userdata: Any, flags: Any, *rest: Any) -> None:
+            self._session_present = bool(getattr(flags, "session_present", False))
+            if hear_connack is not None:
+                hear_connack(c, userdata, flags, *rest)
+
+        client._client.on_connect = on_connect
         return client
 
     async def run(self) -> None:
@@ -298,19 +308,22 @@ class MqttLink:
                 sock.close()
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        if self._subscriptions:  # one SUBSCRIBE for all: one round trip before the first send
-            await client.subscribe([(topic, 1) for topic in self._subscriptions])
-            _honour_cancel()  # one that landed as the SUBACK arrived
-        self._set_state(LinkState.CONNECTED)
-        if not self._quiet:
-            self._log.info("mqtt.connected", broker=f"{self._host}:{self._port}", connects=self.connects)
         # Not a TaskGroup: a lost connection must surface here as a plain MqttError for run().
-        # The workers first: what was queued while disconnected (re-sends after a restart) goes
-        # out now, not after the round trips of `on_connect`.
-        workers = [
-            asyncio.create_task(self._publisher(client), name=f"mqtt-pub-{i}") for i in range(self._workers)
-        ]
+        workers: list[asyncio.Task[None]] = []
         try:
+            if self._session_present and not self._clean_session:
+                # the broker kept our session, subscriptions included: what was queued while
+                # disconnected (the re-sends after a restart) goes out now, beside the messages
+                # the broker kept for us, not after them and the SUBACK behind them
+                workers = self._start_publishers(client)
+            if self._subscriptions:  # one SUBSCRIBE for all (a kept session's are refreshed)
+                await client.subscribe([(topic, 1) for topic in self._subscriptions])
+                _honour_cancel()  # one that landed as the SUBACK arrived
+            self._set_state(LinkState.CONNECTED)
+            if not self._quiet:
+                self._log.info("mqtt.connected", broker=f"{self._host}:{self._port}", connects=self.connects)
+            # publishing starts before the round trips of `on_connect`
+            workers = workers or self._start_publishers(client)
             if self._on_connect:
                 await self._on_connect()
             await self._receive(client)
@@ -318,6 +331,11 @@ class MqttLink:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def _start_publishers(self, client: aiomqtt.Client) -> list[asyncio.Task[None]]:
+        return [
+            asyncio.create_task(self._publisher(client), name=f"mqtt-pub-{i}") for i in range(self._workers)
+        ]
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         """The held messages, in order, through aiomqtt's queue (the others never reach it)."""
