@@ -289,7 +289,7 @@ class Fleet:
         for p in self.procs:
             try:
                 p.wait(30)
-            except subprocess.TimeoutExpired:  # seen once: its asyncio signal wakeup pipe was full
+            except subprocess.TimeoutExpired:  # a child that does not stop is still reported and ended
                 print(f"simulator {p.pid} still running 30 s after SIGTERM: killed", file=sys.stderr)
                 p.kill()
                 p.wait()
