@@ -118,7 +118,8 @@ _FULL_ROW_KEYS: Final = (
     "finished", "resume", "retry", "budget_base", "left_area",
 )  # fmt: skip
 _TRANSITION_KEYS: Final = _FULL_ROW_KEYS[:6]
-_ROWS_PER_STATEMENT: Final = 500  # 15 parameters each: far below SQLite's 32,766
+_DELIVERY_KEYS: Final = tuple(k for k in _FULL_ROW_KEYS if k != "attempt")
+_ROWS_PER_STATEMENT: Final = 500  # 14 parameters a row at most: far below SQLite's 32,766
 _MULTI_TRANSITIONS: Final = "INSERT INTO transitions (alert_id, terminal, state, detail, at, attempt) VALUES "
 _MULTI_DELIVERIES: Final = (
     "INSERT INTO deliveries (alert_id, terminal, state, detail, at, attempts, revision, progress, acked,"
@@ -146,7 +147,7 @@ def _append_deliveries(conn: sqlite3.Connection, rows: Sequence[Mapping[str, Any
             values = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(run))
             conn.execute(
                 _MULTI_DELIVERIES.format(values=values),
-                [r[k] for r in run for k in _FULL_ROW_KEYS if k != "attempt"],
+                [r[k] for r in run for k in _DELIVERY_KEYS],
             )
         else:
             conn.executemany(_INSERT_TRANSITION, run)
@@ -326,8 +327,7 @@ class Journal:
             thread_name=THREAD_NAME,
             error=JournalError,
             setup=functools.partial(_migrate, path=path),
-            append_statements=(_INSERT_TRANSITION, _UPSERT_DELIVERY),
-            append_writer=_append_deliveries,
+            append=_append_deliveries,
             group_commit_s=group_commit_s,
         )
         self.stats: JournalStats = self._worker.stats

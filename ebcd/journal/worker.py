@@ -16,7 +16,7 @@ loop never touches SQLite. If opening fails, the thread ends and `start()` raise
 the journal".
 
 The queue and its bound. Every call becomes an `_Op` on one FIFO `queue.SimpleQueue`: WRITE and
-READ carry statements and are awaited; APPEND carries rows for the owner's `append_statements`
+READ carry statements and are awaited; APPEND carries rows for the owner's `append` writer
 (one, or every row of one burst: one op, not one per row) and is not awaited; FLUSH and CLOSE
 are markers. Nothing is ever dropped. Past `max_queue_ops` queued ops, an awaited call waits
 for room before queueing (an event set after every batch; the time is counted in
@@ -27,8 +27,8 @@ waiters, which then fail with "closed".
 A batch is one transaction. The thread waits for one op, then takes whatever else is queued
 without waiting, up to `MAX_BATCH_OPS` and never past a close marker. A batch of markers only
 needs no transaction. Otherwise it runs in one: BEGIN IMMEDIATE if anything in it writes, BEGIN if
-it only reads; the ops in queue order; appended rows gathered and written by `executemany` of each
-append statement just before the next other op and at the end, so order holds; then COMMIT. While
+it only reads; the ops in queue order; appended rows gathered and handed to the `append` writer
+just before the next other op and at the end, so order holds; then COMMIT. While
 a commit is syncing, new ops pile up and go into the next transaction together, so a 769-terminal
 fan-out costs a handful of commits, not 769. Reads share the queue, so a read sees every write
 queued before it. An awaited write has been committed when its await returns.
@@ -148,9 +148,8 @@ class StoreWorker:
         thread_name: str,
         error: type[Exception],
         setup: Setup,
-        append_statements: tuple[str, ...],
+        append: AppendWriter,
         group_commit_s: float = 0.0,
-        append_writer: AppendWriter | None = None,
     ) -> None:
         self.path = path
         self.synchronous: Synchronous = synchronous
@@ -160,8 +159,7 @@ class StoreWorker:
         self._thread_name = thread_name
         self._error = error
         self._setup = setup
-        self._append_statements = append_statements
-        self._append_writer = append_writer  # writes appended rows its own way, instead of executemany
+        self._append = append  # writes appended rows, in order, inside the batch's transaction
         self._group_commit_s = group_commit_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue_ops = max_queue_ops
@@ -390,11 +388,8 @@ class StoreWorker:
         return outcomes
 
     def _write_appended(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
-        if rows and self._append_writer is not None:
-            self._append_writer(conn, rows)
-        elif rows:
-            for statement in self._append_statements:
-                conn.executemany(statement, rows)
+        if rows:
+            self._append(conn, rows)
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, report: _BatchReport) -> None:
         try:
