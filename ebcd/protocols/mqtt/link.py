@@ -25,9 +25,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ebcd.protocols.mqtt import properties as fast_properties
+from ebcd.protocols.mqtt import wire
 
 log = structlog.get_logger("ebcd.mqtt")
 _FAST_PROPERTIES: bool | None = None  # installed once per process, on the first MQTT 5 link
+_WIRE_UNAVAILABLE_SAID = False  # said once per process, not once per connection
 
 DISCONNECT_TIMEOUT_S = 2.0
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5: keep a persistent session as MQTT 3.1.1 does
@@ -242,6 +244,8 @@ class MqttLink:
             timeout=10,
         )
         self._hand_over_directly(client)
+        if not self._tls and not wire.install(client._client):
+            _say_wire_unavailable()
         self._session_present = False
         hear_connack = client._client.on_connect  # aiomqtt's
 
@@ -541,6 +545,13 @@ async def probe_publish(
             await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_TIMEOUT_S)
         except (TimeoutError, aiomqtt.MqttError):
             _abandon(client)
+
+
+def _say_wire_unavailable() -> None:
+    global _WIRE_UNAVAILABLE_SAID  # said once per process
+    if not _WIRE_UNAVAILABLE_SAID:
+        _WIRE_UNAVAILABLE_SAID = True
+        log.info("mqtt.buffered_socket_unavailable", hint="this paho version reads and writes as before")
 
 
 def _install_fast_properties() -> None:
