@@ -143,7 +143,7 @@ def test_daemon_unit_settings() -> None:
         "NotifyAccess": "main",
         "WatchdogSec": "30",
         "Restart": "on-failure",
-        "RestartSec": "2",
+        "RestartSec": "500ms",
         "TimeoutStopSec": "20",
         "User": "ebcd",
         "Group": "ebcd",
