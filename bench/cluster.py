@@ -261,14 +261,17 @@ class Brokers:
 class Fleet:
     """The simulated terminals: `ebcd simulate --share I/N` children (see simulators.runner.share_of),
     share I connected to the broker `Brokers.url_for(I)`; N at least `processes` and a multiple of
-    the edges, so every edge serves the same number of shares."""
+    the edges, so every edge serves the same number of shares. Share I connects from 127.0.0.(2+I):
+    paho binds every connection before it connects, so the connections of one address share its
+    ephemeral ports (28,232 with the default ip_local_port_range), fewer than 30,000 terminals."""
 
     def __init__(self, config: Path, brokers: Brokers, processes: int, log: Path) -> None:
         k = max(len(brokers.edges), 1)
         self.shares = math.ceil(max(processes, k) / k) * k
         self.args = [
             [sys.executable, "-m", "ebcd", "simulate", "-c", str(config), "--broker", brokers.url_for(i),
-             "--play-time", "0.2", "--log-level", "warning", "--share", f"{i}/{self.shares}"]
+             "--play-time", "0.2", "--log-level", "warning", "--share", f"{i}/{self.shares}",
+             "--source-address", f"127.0.0.{2 + i}"]
             for i in range(self.shares)
         ]  # fmt: skip
         self.log = log

@@ -67,6 +67,7 @@ class SimTerminal:
         tls_context: ssl.SSLContext | None = None,
         password: str | None = None,
         signer: Signer | None = None,
+        source_address: str = "",
     ) -> None:
         self.terminal = terminal
         self.signer = signer  # None: reports and presence go unsigned
@@ -95,6 +96,7 @@ class SimTerminal:
             quiet=True,
             reconnect_initial_s=0.5,
             reconnect_max_s=10.0,
+            source_address=source_address,
         )
 
     def _presence(self, state: Liveness, *, heartbeat: bool = False) -> bytes:
@@ -203,10 +205,14 @@ class MqttFleet:
         tls_context: ssl.SSLContext | None = None,
         passwords: Mapping[str, str] | None = None,
         signers: Mapping[str, Signer] | None = None,
+        source_addresses: Sequence[str] = (),
     ) -> None:
         """`tls_context`: connect over TLS with it; `passwords`: terminal code -> its password
         (see `fleet_login`); without one a terminal connects anonymously. `signers`: terminal
-        code -> its key (see `fleet_signers`); without one a terminal signs nothing."""
+        code -> its key (see `fleet_signers`); without one a terminal signs nothing.
+        `source_addresses`: local addresses the terminals' connections come from, taken in turn
+        (each address has its own ephemeral ports: ~28,000 on Linux, fewer than a large fleet on
+        one host needs); none: the system picks."""
         self.district = district
         self.plan = plan
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -228,8 +234,9 @@ class MqttFleet:
                 tls_context=tls_context,
                 password=passwords.get(t.code) if passwords is not None else None,
                 signer=signers.get(t.code) if signers is not None else None,
+                source_address=source_addresses[i % len(source_addresses)] if source_addresses else "",
             )
-            for t in terminals
+            for i, t in enumerate(terminals)
         ]
         self._links: dict[str, asyncio.Task[None]] = {}  # terminal -> the task running its connection
         self.buses: list[SerialBusSimulator] = []  # serial buses run beside the fleet, for reports

@@ -204,6 +204,7 @@ def run_simulators(
     bus_faults: str = "",
     adapter_faults: str = "",
     share: tuple[int, int] | None = None,
+    source_addresses: Sequence[str] = (),
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. With `share` (I, N): only this process's share."""
     everyone = select(district, only)
@@ -246,6 +247,7 @@ def run_simulators(
         tls_context=tls_context,
         passwords=passwords,
         signers=signers,
+        source_addresses=source_addresses,
     )
     faults_on_bus = BusFaults.parse(bus_faults) if bus_faults else BusFaults()
     play_time = config.simulator.play_time_s if play_time_s is None else play_time_s

@@ -258,6 +258,13 @@ def simulate(
         int, typer.Option(min=1, help="spread the MQTT terminals over this many processes")
     ] = 1,
     share: Annotated[str | None, typer.Option(hidden=True, help="I/N: this process's share")] = None,
+    source_address: Annotated[
+        str,
+        typer.Option(
+            help="local address(es) the terminals connect from, comma-separated, taken in turn: each "
+            "has its own ~28,000 ephemeral ports (past that on one host, e.g. 127.0.0.2,127.0.0.3)"
+        ),
+    ] = "",
 ) -> None:
     """Simulate every terminal of the topology, speaking the real wire protocols."""
     import structlog
@@ -275,6 +282,7 @@ def simulate(
 
         child = [sys.executable, "-m", "ebcd", "simulate", "--faults", faults, "--seed", str(seed)]
         child += ["--bus-faults", bus_faults, "--adapter-faults", adapter_faults, "--log-level", log_level]
+        child += ["--source-address", source_address]
         for flag, value in (("--config", config), ("--broker", broker), ("--run-dir", buses),
                             ("--play-time", play_time)):  # fmt: skip
             if value is not None:
@@ -301,10 +309,24 @@ def simulate(
             bus_faults=bus_faults,
             adapter_faults=adapter_faults,
             share=parsed_share,
+            source_addresses=_source_addresses(source_address),
         )
     except (ValueError, SecurityError, BusDirError) as e:  # SecurityError: key, password, CA, cert files
         raise _fail(str(e)) from None
     raise typer.Exit(code)
+
+
+def _source_addresses(option: str) -> list[str]:
+    """`--source-address A,B`: the addresses, each checked (ValueError naming the one that is not)."""
+    import ipaddress
+
+    addresses = [a.strip() for a in option.split(",") if a.strip()]
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"--source-address: {address!r} is not an IP address") from None
+    return addresses
 
 
 @app.command("simulate-upstream")

@@ -6,7 +6,10 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from ebcd.tiers.generate import generate
 from ebcd.tiers.loader import load_district
 from simulators.runner import parse_share, share_of
 from tests.conftest import Mosquitto, fast_config
-from tests.helpers import running_daemon, settle, wait_online
+from tests.helpers import running_daemon, settle, wait_for, wait_online
 
 pytestmark = pytest.mark.slow
 WAIT_S = 60.0
@@ -126,3 +129,42 @@ def test_shares_split_the_mqtt_terminals_and_keep_buses_and_adapters_in_the_firs
     for bad in ("4/4", "x/2", "1", "-1/2"):
         with pytest.raises(ValueError, match="expected I/N"):
             parse_share(bad)
+
+
+def _connections_to(port: int) -> Counter[str]:
+    """Local address -> established TCP connections to `port` on this host (/proc/net/tcp)."""
+    out: Counter[str] = Counter()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if state == "01" and int(remote.split(":")[1], 16) == port:
+            out[socket.inet_ntoa(bytes.fromhex(local.split(":")[0])[::-1])] += 1
+    return out
+
+
+async def test_terminals_connect_from_the_source_addresses_given_in_turn(
+    own_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Past ~28,000 connections on one host the ephemeral ports of one address run out; each extra
+    loopback address has its own."""
+    config_path = _district(tmp_path / "district")
+    sims = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "ebcd", "simulate", "-c", str(config_path), "--broker", own_mosquitto.url,
+          "--processes", "2", "--source-address", "127.0.0.2,127.0.0.3", "--log-level", "warning"],
+    )  # fmt: skip
+    try:
+        await wait_for(lambda: sum(_connections_to(own_mosquitto.port).values()) >= 63, WAIT_S)
+        # the two shares (32 and 31 terminals) each take the addresses in turn
+        assert _connections_to(own_mosquitto.port) == {"127.0.0.2": 32, "127.0.0.3": 31}
+    finally:
+        sims.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(sims.wait(), WAIT_S) == 0
+
+
+def test_a_source_address_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ebcd", "simulate", "-c", str(_district(tmp_path)), "--broker",
+         "mqtt://127.0.0.1:9", "--source-address", "127.0.0.2,host-b"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--source-address: 'host-b' is not an IP address" in done.stderr

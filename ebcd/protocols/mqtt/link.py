@@ -119,8 +119,10 @@ class MqttLink:
         on_drop: Callable[[str], None] | None = None,
         on_state: Callable[[LinkState], None] | None = None,
         quiet: bool = False,
+        source_address: str = "",
     ) -> None:
         self._host, self._port, self._client_id = host, port, client_id
+        self._source_address = source_address  # "": whatever the system picks
         self._subscriptions = list(subscriptions)
         self._session_present = False  # the last CONNACK's: the broker kept our session
         self._on_message = on_message
@@ -242,6 +244,7 @@ class MqttLink:
             tls_context=tls_context,
             max_inflight_messages=max(20, self._workers),
             timeout=10,
+            bind_address=self._source_address,
         )
         self._hand_over_directly(client)
         if not self._tls and not wire.install(client._client):
