@@ -55,6 +55,42 @@ def test_pending_counts_what_was_read_ahead() -> None:
         assert reader.pending() == 0
 
 
+def _turn(reader: wire.BufferedSocket, size: int) -> int:
+    """One readiness callback as aiomqtt runs it: paho reads a packet of `size` bytes (again while
+    it is short), and again while pending(); the bytes read."""
+    got = 0
+    while True:
+        want = size
+        try:
+            while want:
+                want -= len(reader.recv(want))
+        except BlockingIOError:
+            return got + size - want
+        got += size
+        if not reader.pending():
+            return got
+
+
+def test_a_flood_ends_the_turn_while_the_socket_stays_readable() -> None:
+    reader, writer = pair()
+    with reader, writer:
+        writer.setblocking(False)
+        sent = writer.send(b"r" * (8 * wire.READ_BYTES))  # as much as the socket takes
+        assert sent > 3 * wire.READ_BYTES
+        reader.setblocking(False)
+        first = _turn(reader, 100)
+        # two reads from the wire, then the turn ends: what it holds waits for the next callback
+        assert wire.READ_BYTES < first <= 2 * wire.READ_BYTES
+        total, turns = first, 1
+        while total < sent:
+            total += _turn(reader, 100)
+            turns += 1
+        assert total == sent
+        assert turns >= sent // (2 * wire.READ_BYTES)
+        with pytest.raises(BlockingIOError):
+            reader.recv(1)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.binary(min_size=1, max_size=3000),

@@ -9,7 +9,8 @@ its own `send`: the PUBACK of each of those reports is one more call.
 - `BufferedSocket` is the connected socket with a read buffer: one `recv` of up to `READ_BYTES`
   serves paho's small reads from memory. It answers `pending()` with the bytes it holds, which is
   how aiomqtt already keeps calling `loop_read()` for TLS sockets that hold decrypted bytes, so a
-  buffered packet is read in the same turn, never left waiting for the next byte off the wire.
+  buffered packet is read in the same turn, never left waiting for the next byte off the wire;
+  under a flood it ends the turn after `TURN_READS` reads, since the socket is still readable.
 - `join_head()` joins the run of whole packets at the head of paho's output queue into one, so one
   `send` writes them all. It stops at a packet paho must act on once written (a QoS 0 PUBLISH, whose
   `on_publish` fires then, and DISCONNECT, after which paho closes the socket), at one already half
@@ -27,6 +28,7 @@ from collections import deque
 from typing import Any
 
 READ_BYTES = 64 * 1024  # one recv: a burst of ~600 reports
+TURN_READS = 2  # reads from the wire in one turn of the event loop while more waits on the socket
 MAX_JOINED_BYTES = 64 * 1024  # one send at most this big, unless a single packet is bigger
 
 _PUBLISH, _PUBACK, _DISCONNECT = 0x30, 0x40, 0xE0
@@ -35,9 +37,10 @@ _PUBLISH, _PUBACK, _DISCONNECT = 0x30, 0x40, 0xE0
 class BufferedSocket(socket.socket):
     """A connected socket whose `recv` reads ahead into a buffer; `pending()` says what it holds."""
 
-    __slots__ = ("_ahead", "_at")
+    __slots__ = ("_ahead", "_at", "_reads")
     _ahead: bytes  # read from the wire, handed out from `_at` on
     _at: int
+    _reads: int  # reads from the wire since `pending()` last said 0: one turn of the caller's loop
 
     @classmethod
     def adopt(cls, sock: socket.socket) -> BufferedSocket:
@@ -45,7 +48,7 @@ class BufferedSocket(socket.socket):
         timeout = sock.gettimeout()
         adopted = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
         adopted.settimeout(timeout)
-        adopted._ahead, adopted._at = b"", 0
+        adopted._ahead, adopted._at, adopted._reads = b"", 0, 0
         return adopted
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -61,14 +64,31 @@ class BufferedSocket(socket.socket):
         if flags:
             return super().recv(bufsize, flags)
         data = super().recv(max(bufsize, READ_BYTES))
+        self._reads += 1
         if len(data) <= bufsize:
             return data
         self._ahead, self._at = data, bufsize
         return data[:bufsize]
 
     def pending(self) -> int:
-        """Bytes read from the wire and not yet handed to the caller."""
-        return len(self._ahead) - self._at
+        """Bytes read from the wire and not yet handed to the caller, which goes on reading while
+        this is not 0. After `TURN_READS` reads from the wire it says 0 if more bytes wait on the
+        socket, so a flood (a broker handing over a kept session's backlog) cannot hold the event
+        loop in one callback: the socket stays readable and the loop calls again, after the
+        publishers and keepalive have had their turn. With nothing more on the socket it says what
+        it holds, so no packet is left waiting in the buffer for bytes that may never come."""
+        held = len(self._ahead) - self._at
+        if held and self._reads >= TURN_READS and self._more_on_the_wire():
+            held = 0
+        if not held:
+            self._reads = 0
+        return held
+
+    def _more_on_the_wire(self) -> bool:
+        try:
+            return bool(super().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # BlockingIOError: nothing waiting; other errors show at the next read
+            return False
 
 
 def join_head(out: deque[Any]) -> int:
