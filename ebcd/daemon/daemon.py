@@ -402,6 +402,16 @@ class Daemon:
                 hint="no [[upstream.senders]] listed: any sender that may publish to "
                 f"{self.topics.alerts_in} may alert the whole district",
             )
+        on_mqtt = sum(1 for t in self.district.terminals() if t.link == "mqtt")
+        if self.config.mqtt.outgoing_queue_size < on_mqtt:
+            log.warning(
+                "mqtt.queue_below_district",
+                outgoing_queue_size=self.config.mqtt.outgoing_queue_size,
+                mqtt_terminals=on_mqtt,
+                hint="after a restart the alerts in flight are re-sent to each terminal on its own "
+                "topic: what does not fit is dropped (logged, counted) and waits for the next attempt; "
+                "raise [mqtt] outgoing_queue_size to twice the terminals",
+            )
         if self.operators.open:
             log.info(
                 "operators.open", hint="no [[operators]] listed: the control socket acts for the district"

@@ -12,9 +12,12 @@ from __future__ import annotations
 import csv
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ebcd.config import MqttConfig
 
 COUNTY = "341523"
 CENTER = (31.46, 116.95)
@@ -177,5 +180,9 @@ def generate(folder: Path, towns: int, villages_per_town: int, terminals_per_vil
         "# The settings below are the shipped district's; every room is on MQTT.\n"
     )
     body = "\n".join(line for line in template.splitlines() if not line.startswith("# ebcd: the default"))
+    # a restart re-sends to every terminal an alert has not reached yet, each on its own topic: the
+    # outgoing queue must hold that many and the state updates beside them, not drop them
+    queue = max(MqttConfig.model_fields["outgoing_queue_size"].default, 2 * total)
+    body = re.sub(r"^outgoing_queue_size = \d+", f"outgoing_queue_size = {queue}", body, count=1, flags=re.M)
     (folder / "ebcd.toml").write_text(head + body + "\n", encoding="utf-8")
     return ledgers

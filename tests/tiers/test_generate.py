@@ -57,7 +57,10 @@ def test_a_generated_district_of_ten_thousand_passes_topology_check(tmp_path: Pa
         "serial_rooms": 0,
         "adapter_rooms": 0,
     }
-    district = load_district(load_config(tmp_path / "d" / "ebcd.toml"))
+    config = load_config(tmp_path / "d" / "ebcd.toml")
+    # a restart re-sends to every terminal not reached yet: the queue holds them twice over
+    assert config.mqtt.outgoing_queue_size == 2 * 10040
+    district = load_district(config)
     assert all(t.link == "mqtt" for t in district.terminals())
     names = [v.name for v in district.villages()]
     assert len(set(names)) == len(names) == 1000
@@ -75,6 +78,7 @@ def test_the_same_shape_writes_the_same_bytes_and_another_shape_others(tmp_path:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "terminals.csv").read_bytes() != (tmp_path / "c" / "terminals.csv").read_bytes()
     assert len(load_district(load_config(tmp_path / "c" / "ebcd.toml"))) == 3 * 4 * 6
+    assert load_config(tmp_path / "c" / "ebcd.toml").mqtt.outgoing_queue_size == 20_000  # the shipped
 
 
 def test_a_shape_the_codes_cannot_number_is_refused_with_the_reason(tmp_path: Path) -> None:
