@@ -107,3 +107,56 @@ async def test_a_kept_session_delivers_what_was_queued_both_ways(mosquitto: Mosq
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_kept_session_serves_before_its_suback(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a kill -9 the broker hands a kept session its whole backlog before the SUBACK; at
+    30,000 terminals reading it took longer than the link's timeouts. The link must serve, publish
+    and run on_connect meanwhile, not wait for the SUBACK and drop the connection when it is late."""
+    base = f"ebcd-test/{uuid.uuid4().hex}"
+    heard: list[bytes] = []
+    connected: list[int] = []
+
+    async def on_connect() -> None:
+        connected.append(1)
+
+    link = MqttLink(
+        host=mosquitto.host,
+        port=mosquitto.port,
+        client_id=f"late-{uuid.uuid4().hex[:8]}",
+        subscriptions=[f"{base}/report"],
+        on_message=lambda _t, payload, _r, _p: heard.append(payload),
+        on_connect=on_connect,
+        clean_session=False,
+        protocol="5",
+    )
+    task = asyncio.create_task(link.run())
+    await wait_for(link.connected.is_set, 10)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    subscribe = aiomqtt.Client.subscribe
+    late = asyncio.Event()
+
+    async def suback_never_comes(self: aiomqtt.Client, *args: object, **kwargs: object) -> object:
+        await late.wait()  # the backlog the broker sends first takes for ever to read
+        return await subscribe(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+        await c.subscribe(f"{base}/cmd", qos=1)
+        monkeypatch.setattr(aiomqtt.Client, "subscribe", suback_never_comes)  # the link's, from here
+        await c.publish(f"{base}/report", b"kept for the link", qos=1)
+        assert link.enqueue(f"{base}/cmd", b"re-send", qos=1)
+        task = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(10):
+                async for message in c.messages:
+                    assert message.payload == b"re-send"
+                    break
+            await wait_for(lambda: heard == [b"kept for the link"] and connected == [1, 1], 10)
+            assert link.connected.is_set()
+            assert link.connects == 2  # the first connection, and this one: never dropped
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -32,6 +32,7 @@ _FAST_PROPERTIES: bool | None = None  # installed once per process, on the first
 _WIRE_UNAVAILABLE_SAID = False  # said once per process, not once per connection
 
 DISCONNECT_TIMEOUT_S = 2.0
+KEPT_SUBACK_TIMEOUT_S = 600.0  # a kept session's SUBACK comes after its backlog (see _serve)
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5: keep a persistent session as MQTT 3.1.1 does
 
 Protocol = Literal["auto", "5", "3.1.1"]
@@ -318,13 +319,19 @@ class MqttLink:
         # Not a TaskGroup: a lost connection must surface here as a plain MqttError for run().
         workers: list[asyncio.Task[None]] = []
         try:
+            topics = [(topic, 1) for topic in self._subscriptions]  # one SUBSCRIBE for all
             if self._session_present and not self._clean_session:
                 # the broker kept our session, subscriptions included: what was queued while
                 # disconnected (the re-sends after a restart) goes out now, beside the messages
-                # the broker kept for us, not after them and the SUBACK behind them
+                # the broker kept for us, not after them and the SUBACK behind them. The
+                # subscriptions are refreshed (a topic added since) without waiting: the SUBACK
+                # comes after the whole backlog, which at 30,000 terminals took longer to read
+                # than any timeout, and a timeout here would drop the connection and start over
                 workers = self._start_publishers(client)
-            if self._subscriptions:  # one SUBSCRIBE for all (a kept session's are refreshed)
-                await client.subscribe([(topic, 1) for topic in self._subscriptions])
+                if topics:
+                    workers.append(asyncio.create_task(self._refresh(client, topics), name="mqtt-subscribe"))
+            elif topics:
+                await client.subscribe(topics)
                 _honour_cancel()  # one that landed as the SUBACK arrived
             self._set_state(LinkState.CONNECTED)
             if not self._quiet:
@@ -338,6 +345,17 @@ class MqttLink:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _refresh(self, client: aiomqtt.Client, topics: list[tuple[str, int]]) -> None:
+        try:
+            await client.subscribe(topics, timeout=KEPT_SUBACK_TIMEOUT_S)
+        except aiomqtt.MqttError as e:
+            _stay_cancelled(e)
+            self._log.warning(
+                "mqtt.resubscribe_failed",
+                error=str(e),
+                hint="the subscriptions the broker kept still deliver; a topic added since may not",
+            )
 
     def _start_publishers(self, client: aiomqtt.Client) -> list[asyncio.Task[None]]:
         return [
