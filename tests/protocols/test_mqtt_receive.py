@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -76,9 +77,8 @@ async def test_a_handler_that_fails_is_logged_and_the_next_message_still_arrives
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_a_kept_session_delivers_what_was_queued_both_ways(mosquitto: Mosquitto) -> None:
-    base = f"ebcd-test/{uuid.uuid4().hex}"
-    heard: list[bytes] = []
+async def _kept_session_link(mosquitto: Mosquitto, base: str, heard: list[bytes], **more: Any) -> MqttLink:
+    """A link with a persistent session on `base`/report, connected once and gone again."""
     link = MqttLink(
         host=mosquitto.host,
         port=mosquitto.port,
@@ -87,11 +87,19 @@ async def test_a_kept_session_delivers_what_was_queued_both_ways(mosquitto: Mosq
         on_message=lambda _t, payload, _r, _p: heard.append(payload),
         clean_session=False,
         protocol="5",
+        **more,
     )
     task = asyncio.create_task(link.run())
     await wait_for(link.connected.is_set, 10)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    return link
+
+
+async def test_a_kept_session_delivers_what_was_queued_both_ways(mosquitto: Mosquitto) -> None:
+    base = f"ebcd-test/{uuid.uuid4().hex}"
+    heard: list[bytes] = []
+    link = await _kept_session_link(mosquitto, base, heard)
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
         await c.subscribe(f"{base}/cmd", qos=1)
         await c.publish(f"{base}/report", b"while away", qos=1)  # the broker keeps it for the link
@@ -122,20 +130,7 @@ async def test_a_kept_session_serves_before_its_suback(
     async def on_connect() -> None:
         connected.append(1)
 
-    link = MqttLink(
-        host=mosquitto.host,
-        port=mosquitto.port,
-        client_id=f"late-{uuid.uuid4().hex[:8]}",
-        subscriptions=[f"{base}/report"],
-        on_message=lambda _t, payload, _r, _p: heard.append(payload),
-        on_connect=on_connect,
-        clean_session=False,
-        protocol="5",
-    )
-    task = asyncio.create_task(link.run())
-    await wait_for(link.connected.is_set, 10)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    link = await _kept_session_link(mosquitto, base, heard, on_connect=on_connect)
     subscribe = aiomqtt.Client.subscribe
     late = asyncio.Event()
 
