@@ -402,7 +402,7 @@ class Daemon:
                 hint="no [[upstream.senders]] listed: any sender that may publish to "
                 f"{self.topics.alerts_in} may alert the whole district",
             )
-        on_mqtt = sum(1 for t in self.district.terminals() if t.link == "mqtt")
+        on_mqtt = len(self.terminals.mqtt_codes)
         if self.config.mqtt.outgoing_queue_size < on_mqtt:
             log.warning(
                 "mqtt.queue_below_district",
